@@ -1,0 +1,164 @@
+"""Command line for the file-level tools: ``python -m lib_ti inspect|diff|convert``.
+
+Exit codes: 0 success, 2 bad input (one line on stderr, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from lib_ti import __version__
+from lib_ti.convert import to_sd1, to_sdxl_l
+from lib_ti.embedding import KIND_LABELS, Embedding
+from lib_ti.errors import TIError
+from lib_ti.formats import read_diffusers_pair, read_embedding, write_embedding
+from lib_ti.inspect import compare, embedding_stats
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+
+
+def _describe(path: str, emb: Embedding) -> dict[str, object]:
+    return {
+        "file": path,
+        "name": emb.name,
+        "kind": emb.kind,
+        "vectors": emb.num_vectors,
+        "widths": {k: int(v.shape[1]) for k, v in emb.vectors.items()},
+        "step": emb.step,
+        "sd_checkpoint": emb.sd_checkpoint,
+        "sd_checkpoint_name": emb.sd_checkpoint_name,
+        "source": emb.source,
+        "metadata": emb.metadata,
+        "stats": {k: [asdict(s) for s in v] for k, v in embedding_stats(emb).items()},
+    }
+
+
+def _print_description(d: dict[str, object]) -> None:
+    print(f"{d['file']}")
+    print(
+        f"  name: {d['name']}  kind: {KIND_LABELS[str(d['kind'])]}  vectors: {d['vectors']}  step: {d['step']}"
+    )
+    if d["sd_checkpoint"] or d["sd_checkpoint_name"]:
+        print(f"  checkpoint: {d['sd_checkpoint']} ({d['sd_checkpoint_name']})")
+    if d["source"]:
+        print(f"  stored as: {d['source']}")
+    for k, v in dict(d["metadata"]).items():  # type: ignore[call-overload]
+        print(f"  {k}: {v}")
+    for enc, rows in dict(d["stats"]).items():  # type: ignore[call-overload]
+        print(f"  {enc:7} {'vec':>4} {'norm':>9} {'min':>9} {'max':>9} {'mean':>9} {'std':>9}")
+        for s in rows:
+            print(
+                f"  {'':7} {s['index']:>4} {s['norm']:9.4f} {s['min']:9.4f} {s['max']:9.4f} "
+                f"{s['mean']:9.4f} {s['std']:9.4f}"
+            )
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    out = [_describe(f, read_embedding(f)) for f in args.files]
+    if args.json:
+        print(json.dumps(out if len(out) > 1 else out[0], indent=2))
+    else:
+        for d in out:
+            _print_description(d)
+    return EXIT_OK
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    a, b = read_embedding(args.a), read_embedding(args.b)
+    result = compare(a, b)
+    if args.json:
+        print(json.dumps({"a": args.a, "b": args.b, **result.to_dict()}, indent=2))
+        return EXIT_OK
+    print(f"A: {args.a} ({a.kind}, {a.num_vectors} vectors)")
+    print(f"B: {args.b} ({b.kind}, {b.num_vectors} vectors)")
+    for note in result.notes:
+        print(f"note: {note}")
+    for part in result.encoders:
+        print(f"  {part.encoder:7} {'vec':>4} {'cosine':>9} {'mean|d|':>9}")
+        for i, (c, d) in enumerate(zip(part.cosine, part.mean_abs_diff)):
+            print(f"  {'':7} {i:>4} {c:9.5f} {d:9.5f}")
+        print(f"  {part.encoder} mean |A-B|: {part.mean_abs_diff_all:.6f}")
+    print(f"mean |A-B| overall: {result.mean_abs_diff:.6f}")
+    return EXIT_OK
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    name = args.name or out.name.split(".")[0]
+    if args.to_sd1 and (args.to_sdxl_l or args.g_from or args.g_zeros):
+        msg = "--to-sd1 cannot be combined with --to-sdxl-l, --g-from or --g-zeros"
+        raise TIError(msg)
+    if args.g_from and args.g_zeros:
+        msg = "give either --g-from FILE or --g-zeros, not both"
+        raise TIError(msg)
+    emb = read_embedding(args.input, name=name)
+    if args.to_sd1:
+        emb = to_sd1(emb, name)
+    elif args.to_sdxl_l or args.g_from or args.g_zeros:
+        if args.g_from:
+            g_file = read_embedding(args.g_from)
+            if emb.kind == "sd1" and g_file.kind == "sdxl_refiner" and not args.to_sdxl_l:
+                emb = read_diffusers_pair(args.input, args.g_from, name=name)
+            else:
+                emb = to_sdxl_l(emb, g_file, name)
+        elif args.g_zeros:
+            emb = to_sdxl_l(emb, "zeros", name)
+        else:
+            msg = "--to-sdxl-l needs the CLIP-G half: --g-from FILE, or --g-zeros to fill it with zeros"
+            raise TIError(msg)
+    else:
+        emb.name = name
+    path = write_embedding(emb, out, overwrite=args.overwrite)
+    print(f"wrote {path} ({emb.kind}, {emb.num_vectors} vectors)")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lib_ti", description="Textual-inversion embedding file tools."
+    )
+    p.add_argument("--version", action="version", version=f"lib_ti {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("inspect", help="kind, vectors, norms and statistics of embedding files")
+    s.add_argument("files", nargs="+")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("diff", help="per-vector cosine and mean absolute difference of two embeddings")
+    s.add_argument("a")
+    s.add_argument("b")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_diff)
+
+    s = sub.add_parser("convert", help="convert between formats (.safetensors, .pt, .png) and SD1/SDXL-L")
+    s.add_argument("input")
+    s.add_argument("output", help="format from the suffix: .safetensors, .pt (A1111) or .png")
+    s.add_argument("--name", help="embedding name stored in the file (default: output file name)")
+    s.add_argument("--to-sdxl-l", action="store_true", help="make an SD1 embedding the CLIP-L half of SDXL")
+    s.add_argument(
+        "--g-from", metavar="FILE", help="CLIP-G vectors from this file (SDXL, refiner or diffusers _2)"
+    )
+    s.add_argument("--g-zeros", action="store_true", help="fill the CLIP-G half with zeros (explicitly)")
+    s.add_argument("--to-sd1", action="store_true", help="take the CLIP-L half of an SDXL embedding")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    s.set_defaults(func=cmd_convert)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (TIError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_BAD_INPUT

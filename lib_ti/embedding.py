@@ -1,0 +1,155 @@
+"""The one record type for an embedding, whatever file it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from lib_ti.errors import EmbeddingFormatError
+
+Kind = Literal["sd1", "sd2", "sdxl", "sdxl_refiner"]
+
+#: Width of each text encoder's token embeddings.
+ENCODER_WIDTHS: dict[str, int] = {"clip_l": 768, "clip_h": 1024, "clip_g": 1280}
+WIDTH_TO_ENCODER: dict[int, str] = {w: k for k, w in ENCODER_WIDTHS.items()}
+KINDS: dict[frozenset[str], Kind] = {
+    frozenset({"clip_l"}): "sd1",
+    frozenset({"clip_h"}): "sd2",
+    frozenset({"clip_l", "clip_g"}): "sdxl",
+    frozenset({"clip_g"}): "sdxl_refiner",
+}
+KIND_LABELS: dict[str, str] = {
+    "sd1": "SD1 (CLIP-L 768)",
+    "sd2": "SD2 (OpenCLIP-H 1024)",
+    "sdxl": "SDXL (CLIP-L 768 + CLIP-G 1280)",
+    "sdxl_refiner": "SDXL refiner (CLIP-G 1280)",
+}
+#: A prompt chunk holds 75 tokens and the hosts never split an embedding across chunks.
+MAX_VECTORS = 75
+
+
+def encoder_for_width(width: int, label: str) -> str:
+    """The encoder key for a single matrix of this width (SD1 768, SD2 1024, G-only 1280)."""
+    try:
+        return WIDTH_TO_ENCODER[width]
+    except KeyError:
+        msg = f"{label}: vectors are {width} wide; embeddings are 768 (SD1), 1024 (SD2) or 768+1280 (SDXL)"
+        raise EmbeddingFormatError(msg) from None
+
+
+def check_vectors(vectors: dict[str, torch.Tensor], label: str) -> dict[str, torch.Tensor]:
+    """Validate per-encoder vectors; return float32 contiguous CPU copies.
+
+    Rules: known encoder keys in a known combination, 2-D floating tensors of the encoder's width,
+    1..75 vectors, the same count on every encoder, finite values.
+    """
+    if not vectors:
+        msg = f"{label}: no vectors"
+        raise EmbeddingFormatError(msg)
+    unknown = sorted(set(vectors) - set(ENCODER_WIDTHS))
+    if unknown:
+        msg = f"{label}: unknown encoder {unknown[0]!r} (expected clip_l, clip_h or clip_g)"
+        raise EmbeddingFormatError(msg)
+    if frozenset(vectors) not in KINDS:
+        msg = f"{label}: encoders {sorted(vectors)} do not form SD1, SD2 or SDXL"
+        raise EmbeddingFormatError(msg)
+    out: dict[str, torch.Tensor] = {}
+    counts = set()
+    for key in [k for k in ENCODER_WIDTHS if k in vectors]:
+        t = vectors[key]
+        if not isinstance(t, torch.Tensor):
+            msg = f"{label}: {key} is a {type(t).__name__}, not a tensor"
+            raise EmbeddingFormatError(msg)
+        if t.dim() == 1:
+            t = t.unsqueeze(0)
+        if t.dim() != 2:
+            msg = f"{label}: {key} has shape {list(t.shape)}; an embedding is a 2-D [vectors, width] matrix"
+            raise EmbeddingFormatError(msg)
+        if not (t.is_floating_point()):
+            msg = f"{label}: {key} holds {t.dtype} values, not floating point"
+            raise EmbeddingFormatError(msg)
+        n, width = t.shape
+        if width != ENCODER_WIDTHS[key]:
+            msg = f"{label}: {key} vectors are {width} wide, {key} needs {ENCODER_WIDTHS[key]}"
+            raise EmbeddingFormatError(msg)
+        if not 1 <= n <= MAX_VECTORS:
+            msg = f"{label}: {key} has {n} vectors; an embedding needs 1 to {MAX_VECTORS}"
+            raise EmbeddingFormatError(msg)
+        t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        bad = ~torch.isfinite(t)
+        if bad.any():
+            row = int(bad.any(dim=1).nonzero()[0, 0])
+            what = "NaN" if torch.isnan(t).any() else "infinite"
+            msg = f"{label}: {key} vector {row} holds {what} values"
+            raise EmbeddingFormatError(msg)
+        counts.add(n)
+        out[key] = t
+    if len(counts) > 1:
+        sizes = ", ".join(f"{k} {v.shape[0]}" for k, v in out.items())
+        msg = f"{label}: encoders have different vector counts ({sizes})"
+        raise EmbeddingFormatError(msg)
+    return out
+
+
+@dataclass
+class Embedding:
+    """An embedding: per-encoder ``[N, width]`` vectors plus what the hosts record about it.
+
+    ``vectors`` keys: ``clip_l`` (768), ``clip_h`` (1024, SD2), ``clip_g`` (1280).
+    ``metadata`` holds any other text the file carried (training settings and the like).
+    """
+
+    name: str
+    vectors: dict[str, torch.Tensor]
+    step: int | None = None
+    sd_checkpoint: str | None = None
+    sd_checkpoint_name: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    #: How it was stored ("safetensors", "a1111 .pt", "png chunk", ...); informational, not compared.
+    source: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        self.vectors = check_vectors(self.vectors, self.name or "embedding")
+
+    @classmethod
+    def from_matrix(cls, name: str, matrix: torch.Tensor, **kwargs: object) -> Embedding:
+        """An SD1/SD2 (or G-only) embedding from a single matrix; the width picks the encoder."""
+        if not isinstance(matrix, torch.Tensor):
+            msg = f"{name}: expected a tensor, got {type(matrix).__name__}"
+            raise EmbeddingFormatError(msg)
+        width = matrix.shape[-1] if matrix.dim() > 0 else 0
+        return cls(name, {encoder_for_width(width, name): matrix}, **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def kind(self) -> Kind:
+        return KINDS[frozenset(self.vectors)]
+
+    @property
+    def num_vectors(self) -> int:
+        return next(iter(self.vectors.values())).shape[0]
+
+    @property
+    def host_shape(self) -> int:
+        """The width the hosts compare with their model (``Embedding.shape``): 768, 1024, 2048, 1280."""
+        return sum(t.shape[1] for t in self.vectors.values())
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The single matrix of an SD1/SD2/G-only embedding."""
+        if len(self.vectors) != 1:
+            msg = f"{self.name}: an SDXL embedding has two matrices (clip_l and clip_g), not one"
+            raise EmbeddingFormatError(msg)
+        return next(iter(self.vectors.values()))
+
+    def equals(self, other: Embedding) -> bool:
+        """Same name, vectors (exactly), step, checkpoint fields and metadata."""
+        return (
+            self.name == other.name
+            and self.vectors.keys() == other.vectors.keys()
+            and all(torch.equal(self.vectors[k], other.vectors[k]) for k in self.vectors)
+            and (self.step, self.sd_checkpoint, self.sd_checkpoint_name)
+            == (other.step, other.sd_checkpoint, other.sd_checkpoint_name)
+            and self.metadata == other.metadata
+        )

@@ -1,0 +1,19 @@
+"""Exceptions with messages meant for users."""
+
+from __future__ import annotations
+
+
+class TIError(Exception):
+    """Base class: the message is a complete sentence for the user."""
+
+
+class EmbeddingFormatError(TIError, ValueError):
+    """A file is not a readable embedding, or its contents are invalid."""
+
+
+class UnsafeFileError(EmbeddingFormatError):
+    """A pickle asks for something that is not on the allow-list; it was never executed."""
+
+
+class InvalidNameError(TIError, ValueError):
+    """An embedding name breaks one of the naming rules."""

@@ -1,0 +1,69 @@
+"""AUTOMATIC1111 v1.10 (and A1111-style forks): folders, the embedding database, settings."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from modules import sd_hijack, sd_models, shared
+
+from lib_ti.hostinfo import HostInfo
+from lib_ti.settings import SECTION, SETTINGS
+
+logger = logging.getLogger(__name__)
+
+
+def embeddings_dir() -> str:
+    return str(shared.cmd_opts.embeddings_dir)
+
+
+def _db() -> Any:
+    return sd_hijack.model_hijack.embedding_db
+
+
+def embedding_status() -> dict[str, str]:
+    db = _db()
+    status = dict.fromkeys(getattr(db, "skipped_embeddings", {}), "skipped")
+    status.update(dict.fromkeys(getattr(db, "word_embeddings", {}), "loaded"))
+    return status
+
+
+def reload_embeddings() -> None:
+    """Re-read the embeddings folder now (the host's own check misses files overwritten in place).
+
+    Needs a loaded model (the database tokenizes names with it); without one the host loads the
+    folder itself when the model loads.
+    """
+    if sd_models.model_data.sd_model is None:
+        logger.info("no model loaded yet; embeddings will be read when it loads")
+        return
+    _db().load_textual_inversion_embeddings(force_reload=True)
+
+
+def get_option(key: str, default: Any) -> Any:
+    return getattr(shared.opts, key, default)
+
+
+def register_settings() -> None:
+    import gradio as gr
+
+    components = {"text": gr.Textbox, "checkbox": gr.Checkbox, "radio": gr.Radio}
+    for s in SETTINGS:
+        args = {"choices": list(s.choices)} if s.component == "radio" else None
+        info = shared.OptionInfo(s.default, s.label, components[s.component], args, section=SECTION)
+        if s.info:
+            info = info.info(s.info)
+        shared.opts.add_option(s.key, info)
+
+
+def host_info(name: str = "a1111") -> HostInfo:
+    import gradio as gr
+
+    return HostInfo(
+        name=name,
+        embeddings_dir=embeddings_dir,
+        embedding_status=embedding_status,
+        reload_embeddings=reload_embeddings,
+        get_option=get_option,
+        gradio_major=int(gr.__version__.split(".")[0]),
+    )

@@ -1,0 +1,152 @@
+"""The Inspect view: pick an embedding (or upload one), see its numbers, compare, convert and save."""
+
+from __future__ import annotations
+
+import html
+import logging
+from typing import Any
+
+import gradio as gr
+
+from lib_ti import library
+from lib_ti.errors import TIError
+from lib_ti.formats import read_embedding
+from lib_ti.hostinfo import HostInfo
+from lib_ti.ui.compat import file_upload_kwargs, js_kwargs, uploaded_path
+
+logger = logging.getLogger(__name__)
+
+CONVERT_TARGETS = {
+    "same kind": "same",
+    "SD1 (CLIP-L half of an SDXL embedding)": "sd1",
+    "SDXL: CLIP-L from this, CLIP-G from the comparison embedding": "sdxl_g_from_other",
+    "SDXL: CLIP-L from this, CLIP-G zeros": "sdxl_g_zeros",
+}
+
+
+def _error(e: Exception) -> str:
+    return f"<span class='ti-error'>⚠ {html.escape(str(e))}</span>"
+
+
+class InspectHandlers:
+    """Event handlers; plain functions of plain values so they can be tested without a browser."""
+
+    def __init__(self, host: HostInfo) -> None:
+        self.host = host
+
+    def folder(self) -> str:
+        return self.host.embeddings_dir()
+
+    def choices(self) -> list[str]:
+        return [e.relpath for e in library.list_files(self.folder())]
+
+    def refresh(self, current: str | None, other: str | None) -> tuple[Any, Any, str]:
+        choices = self.choices()
+        keep = current if current in choices else (choices[0] if choices else None)
+        keep_other = other if other in choices else None
+        msg = f"{len(choices)} file(s) in `{self.folder()}`"
+        return gr.update(choices=choices, value=keep), gr.update(choices=choices, value=keep_other), msg
+
+    def describe(self, relpath: str | None) -> tuple[str, list[list[object]], dict[str, Any], str]:
+        if not relpath:
+            return "", [], {}, "Choose an embedding."
+        try:
+            emb = read_embedding(library.resolve(self.folder(), relpath))
+        except TIError as e:
+            return "", [], {}, _error(e)
+        status = self.host.embedding_status()
+        md = library.summary_markdown(emb, relpath, status)
+        return md, library.stats_rows(emb), dict(emb.metadata), ""
+
+    def describe_upload(self, upload: Any) -> tuple[str, list[list[object]], dict[str, Any], str]:
+        path = uploaded_path(upload)
+        if not path:
+            return "", [], {}, ""
+        try:
+            emb = read_embedding(path)
+        except TIError as e:
+            return "", [], {}, _error(e)
+        md = library.summary_markdown(emb, "(uploaded)", {})
+        return md, library.stats_rows(emb), dict(emb.metadata), ""
+
+    def compare(self, a: str | None, b: str | None) -> tuple[list[list[object]], str]:
+        if not a or not b:
+            return [], "Choose two embeddings to compare."
+        try:
+            result, rows = library.compare_files(self.folder(), a, b)
+        except TIError as e:
+            return [], _error(e)
+        return rows, "; ".join(result.notes)
+
+    def save_as(
+        self, source: str | None, other: str | None, name: str, fmt: str, target_label: str, overwrite: bool
+    ) -> tuple[Any, Any, str]:
+        try:
+            path = library.convert_and_save(
+                self.folder(),
+                source or "",
+                (name or "").strip(),
+                fmt,
+                CONVERT_TARGETS.get(target_label, "same"),  # type: ignore[arg-type]
+                other,
+                overwrite,
+            )
+        except (TIError, FileExistsError) as e:
+            return gr.update(), gr.update(), _error(e)
+        try:
+            self.host.reload_embeddings()
+        except Exception as e:  # the file is written; a failed reload must not hide that
+            logger.warning("reloading embeddings failed: %s", e)
+            return gr.update(), gr.update(), f"Saved `{path.name}`, but the web UI could not reload: {e}"
+        choices = self.choices()
+        rel = path.relative_to(library.Path(self.folder()).resolve()).as_posix()
+        return (
+            gr.update(choices=choices, value=rel),
+            gr.update(choices=choices),
+            f"Saved `{rel}`; usable in prompts as `{path.stem}`.",
+        )
+
+
+def build(host: HostInfo) -> InspectHandlers:
+    """Build the view inside the current gradio Blocks context; returns its handlers."""
+    h = InspectHandlers(host)
+    choices = h.choices()
+    default_fmt = str(host.get_option("ti_save_format", "safetensors"))
+    with gr.Row():
+        file = gr.Dropdown(label="Embedding", choices=choices, value=choices[0] if choices else None,
+                           elem_id="ti_inspect_file")  # fmt: skip
+        refresh = gr.Button("🔄", elem_id="ti_inspect_refresh", elem_classes=["tool", "ti-tool"])
+        upload = gr.File(label="…or inspect a file", elem_id="ti_inspect_upload", **file_upload_kwargs())
+    status = gr.Markdown(f"{len(choices)} file(s) in `{h.folder()}`", elem_id="ti_inspect_status")
+    summary = gr.Markdown(elem_id="ti_inspect_summary")
+    table = gr.Dataframe(headers=library.STATS_HEADERS, interactive=False, elem_id="ti_inspect_table")
+    with gr.Accordion("Metadata", open=False):
+        meta = gr.JSON(elem_id="ti_inspect_meta")
+    with gr.Accordion("Compare with another embedding", open=False):
+        other = gr.Dropdown(label="Second embedding", choices=choices, value=None, elem_id="ti_inspect_other")
+        compare_btn = gr.Button("Compare", elem_id="ti_inspect_compare")
+        compare_note = gr.Markdown(elem_id="ti_inspect_compare_note")
+        compare_table = gr.Dataframe(
+            headers=library.COMPARE_HEADERS, interactive=False, elem_id="ti_inspect_compare_table"
+        )
+    with gr.Accordion("Convert and save as", open=False):
+        with gr.Row():
+            new_name = gr.Textbox(label="New name", elem_id="ti_inspect_new_name")
+            fmt = gr.Radio(["safetensors", "pt", "png"], value=default_fmt if default_fmt in ("safetensors", "pt") else "safetensors",
+                           label="Format", elem_id="ti_inspect_format")  # fmt: skip
+        target = gr.Radio(
+            list(CONVERT_TARGETS), value="same kind", label="Convert to", elem_id="ti_inspect_target"
+        )
+        overwrite = gr.Checkbox(False, label="Overwrite an existing file", elem_id="ti_inspect_overwrite")
+        save = gr.Button("Save", variant="primary", elem_id="ti_inspect_save")
+        save_note = gr.Markdown(elem_id="ti_inspect_save_note")
+
+    outputs = [summary, table, meta, status]
+    file.change(h.describe, inputs=[file], outputs=outputs)
+    upload.change(h.describe_upload, inputs=[upload], outputs=outputs)
+    refresh.click(h.refresh, inputs=[file, other], outputs=[file, other, status])
+    compare_btn.click(h.compare, inputs=[file, other], outputs=[compare_table, compare_note])
+    save.click(
+        h.save_as, inputs=[file, other, new_name, fmt, target, overwrite], outputs=[file, other, save_note]
+    ).then(fn=None, **js_kwargs("tiRefreshCards"))
+    return h

@@ -1,0 +1,26 @@
+"""The extension's top-level tab."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from lib_ti.hostinfo import HostInfo
+from lib_ti.ui import inspect_view
+
+TAB_TITLE = "Textual Inversion"
+TAB_ID = "ti_tab"
+
+
+def build_tab(host: HostInfo) -> gr.Blocks:
+    with (
+        gr.Blocks(analytics_enabled=False) as blocks,
+        gr.Tabs(elem_id="ti_tabs"),
+        gr.Tab("Inspect", elem_id="ti_tab_inspect"),
+    ):
+        inspect_view.build(host)
+    return blocks
+
+
+def on_ui_tabs(host: HostInfo) -> list[tuple[gr.Blocks, str, str]]:
+    """What ``script_callbacks.on_ui_tabs`` callbacks return: ``[(blocks, title, elem_id)]``."""
+    return [(build_tab(host), TAB_TITLE, TAB_ID)]

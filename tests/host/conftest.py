@@ -1,0 +1,147 @@
+"""Start a real AUTOMATIC1111 web UI with this extension linked in, on the CPU, for tests/host.
+
+Enable with ``SD_WEBUI_DIR`` (the web UI checkout) and optionally ``SD_WEBUI_PYTHON`` (its
+interpreter; default ``<checkout>/../venv/bin/python``), ``SD_WEBUI_CKPT`` (checkpoint stem, default
+``tiny-sd1``) and ``SD_WEBUI_PORT`` (default 7861). ``../shared/hosttest/setup.sh`` builds such a host.
+The host is started the way ``launch.sh`` there does, with a fresh ``--embeddings-dir``, and stopped
+at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ..conftest import ROOT
+
+LINK_NAME = "sd-webui-ti"
+
+
+@dataclass
+class Host:
+    base: str
+    webui: Path
+    embeddings: Path
+    log: Path
+
+    def get(self, path: str, timeout: float = 120) -> object:
+        with urllib.request.urlopen(self.base + path, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: object, timeout: float = 600) -> object:
+        req = urllib.request.Request(
+            self.base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            return json.loads(raw) if raw else None
+
+    def config(self) -> dict:
+        return self.get("/config")  # type: ignore[return-value]
+
+    def component(self, elem_id: str) -> dict:
+        return next(c for c in self.config()["components"] if c.get("props", {}).get("elem_id") == elem_id)
+
+    def call(self, fn_name_inputs: list[str], data: list, outputs_first: str | None = None) -> list:
+        """Call a UI event the way the browser does: find it by the elem_ids of its inputs."""
+        cfg = self.config()
+        ids = {c["id"]: c.get("props", {}).get("elem_id") for c in cfg["components"]}
+        for i, dep in enumerate(cfg["dependencies"]):
+            if [ids.get(x) for x in dep["inputs"]] == fn_name_inputs and (
+                outputs_first is None or (dep["outputs"] and ids.get(dep["outputs"][0]) == outputs_first)
+            ):
+                out = self.post("/run/predict", {"fn_index": i, "data": data, "session_hash": "ti-host-test"})
+                return out["data"]  # type: ignore[index]
+        msg = f"no event with inputs {fn_name_inputs}"
+        raise LookupError(msg)
+
+
+def _env(webui: Path) -> dict[str, str]:
+    host_root = webui.parent
+    env = dict(os.environ)
+    env.update(
+        HF_HOME=str(host_root / "hf_home"),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        GRADIO_ANALYTICS_ENABLED="False",
+        DO_NOT_TRACK="1",
+        CLIP_PACKAGE="clip-anytorch==2.6.0",
+        PYTHONUNBUFFERED="1",
+    )
+    reqs = host_root / "requirements_host.txt"
+    if reqs.exists():
+        env["REQS_FILE"] = str(reqs)
+    for k in ("VIRTUAL_ENV", "PYTHONPATH"):
+        env.pop(k, None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def host_paths(tmp_path_factory):
+    webui = os.environ.get("SD_WEBUI_DIR")
+    if not webui:
+        pytest.skip("real-host tests: set SD_WEBUI_DIR to an AUTOMATIC1111 checkout (see ../shared/HOSTS.md)")
+    webui_p = Path(webui).expanduser().resolve()
+    python = Path(os.environ.get("SD_WEBUI_PYTHON", webui_p.parent / "venv" / "bin" / "python")).expanduser()
+    if not python.exists():
+        pytest.skip(f"real-host tests: interpreter {python} not found (set SD_WEBUI_PYTHON)")
+    emb = tmp_path_factory.mktemp("embeddings")
+    return webui_p, python, emb
+
+
+@pytest.fixture(scope="session")
+def a1111(host_paths, tmp_path_factory):
+    webui, python, embeddings = host_paths
+    from .seed import seed_embeddings
+
+    seed_embeddings(embeddings)
+    link = webui / "extensions" / LINK_NAME
+    if link.is_symlink() or not link.exists():
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(ROOT, target_is_directory=True)
+    port = int(os.environ.get("SD_WEBUI_PORT", "7861"))
+    ckpt = (
+        webui / "models" / "Stable-diffusion" / f"{os.environ.get('SD_WEBUI_CKPT', 'tiny-sd1')}.safetensors"
+    )
+    log = tmp_path_factory.mktemp("host") / "webui.log"
+    args = [str(python), "launch.py", "--skip-torch-cuda-test", "--no-half", "--precision", "full", "--use-cpu", "all",
+            "--api", "--port", str(port), "--no-download-sd-model", "--ckpt", str(ckpt),
+            "--embeddings-dir", str(embeddings)]  # fmt: skip
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(args, cwd=webui, env=_env(webui), stdout=logf, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    host = Host(f"http://127.0.0.1:{port}", webui, embeddings, log)
+    try:
+        deadline = time.time() + 600
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(
+                    f"web UI exited with {proc.returncode}:\n{log.read_text(errors='replace')[-4000:]}"
+                )
+            try:
+                host.get("/sdapi/v1/sd-models", timeout=5)
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.time() > deadline:
+                    pytest.fail("web UI did not start in 600 s")
+                time.sleep(1)
+        host.post("/sdapi/v1/reload-checkpoint", {})  # waits for the start-up checkpoint load
+        yield host
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+        print(f"\n[host log: {log}]")

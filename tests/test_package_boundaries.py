@@ -1,0 +1,98 @@
+"""lib_ti is a pure package: no gradio or host imports in the core, host code only in lib_ti/host."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import types
+
+import pytest
+
+from .conftest import ROOT
+
+CORE_MODULES = ["lib_ti", "lib_ti.formats", "lib_ti.cli", "lib_ti.inspect", "lib_ti.library", "lib_ti.convert",
+                "lib_ti.image_data", "lib_ti.safe_pickle", "lib_ti.names", "lib_ti.settings", "lib_ti.hostinfo"]  # fmt: skip
+
+
+def test_core_imports_neither_gradio_nor_host():
+    code = (
+        "import sys\n"
+        f"for m in {CORE_MODULES!r}: __import__(m)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('gradio', 'modules', 'fastapi'))\n"
+        "print(','.join(bad))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ""
+
+
+def _imports(path):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module
+
+
+def test_host_imports_only_in_host_package():
+    offenders = []
+    for path in (ROOT / "lib_ti").rglob("*.py"):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith("lib_ti/host/"):
+            continue
+        for name in _imports(path):
+            top = name.split(".")[0]
+            if top in ("modules", "modules_forge", "backend", "launch", "ldm", "sgm"):
+                offenders.append((rel, name))
+            if top == "gradio" and not rel.startswith("lib_ti/ui/"):
+                offenders.append((rel, name))
+    assert offenders == []
+
+
+def test_no_eval_or_exec():
+    for path in [*ROOT.joinpath("lib_ti").rglob("*.py"), *ROOT.joinpath("scripts").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                assert node.func.id not in ("eval", "exec"), path
+
+
+def test_entry_script_registers_positionally(monkeypatch, tmp_path):
+    """Thin-glue check with a stand-in ``modules`` whose on_* accept no ``name=`` (Forge Classic)."""
+    pytest.importorskip("gradio")
+    registered = {}
+
+    def on(kind):
+        def register(callback):  # positional only, like Forge Classic
+            registered[kind] = callback
+
+        return register
+
+    fake = {
+        "modules": types.ModuleType("modules"),
+        "modules.script_callbacks": types.ModuleType("modules.script_callbacks"),
+        "modules.shared": types.ModuleType("modules.shared"),
+        "modules.sd_hijack": types.ModuleType("modules.sd_hijack"),
+        "modules.sd_models": types.ModuleType("modules.sd_models"),
+    }
+    fake["modules.script_callbacks"].on_ui_tabs = on("ui_tabs")
+    fake["modules.script_callbacks"].on_ui_settings = on("ui_settings")
+    fake["modules.shared"].cmd_opts = types.SimpleNamespace(embeddings_dir=str(tmp_path))
+    fake["modules.shared"].opts = types.SimpleNamespace()
+    fake["modules.sd_hijack"].model_hijack = types.SimpleNamespace(
+        embedding_db=types.SimpleNamespace(word_embeddings={}, skipped_embeddings={})
+    )
+    fake["modules.sd_models"].model_data = types.SimpleNamespace(sd_model=None)
+    for k, v in fake.items():
+        monkeypatch.setitem(sys.modules, k, v)
+        if "." in k:
+            setattr(fake["modules"], k.split(".")[1], v)
+    monkeypatch.delitem(sys.modules, "lib_ti.host.a1111", raising=False)
+    import runpy
+
+    runpy.run_path(str(ROOT / "scripts" / "ti_tab.py"))
+    assert set(registered) == {"ui_tabs", "ui_settings"}
+    [(blocks, title, elem_id)] = registered["ui_tabs"]()
+    assert (title, elem_id) == ("Textual Inversion", "ti_tab")
+    monkeypatch.delitem(sys.modules, "lib_ti.host.a1111", raising=False)
