@@ -41,3 +41,7 @@ def gen() -> torch.Generator:
 
 def rand(gen: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=gen)
+
+
+# open_clip and transformers >= 4.4x import torchvision; define its operators before any test does.
+define_torchvision_ops()
