@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lib_ti.prompt import Chunk, EmbeddingIndex, TokenizerInfo, chunk_prompt, empty_chunk
+from lib_ti.vocab import bpe_to_text
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,13 @@ class TextEncoder:
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.tokenize([text])[0]
+
+    @property
+    def table_weight(self) -> torch.Tensor:
+        return self.table.weight.detach()
+
+    def decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode(token_id) if self.tokenizer.decode else str(token_id)
 
     def token_vectors(self, ids: Sequence[int]) -> torch.Tensor:
         """Rows of the token-embedding table for these ids (no gradient): [len(ids), D]."""
@@ -254,7 +262,7 @@ def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, mode: EmphasisMode) -
     if mode in ("Ignore", "None"):
         return z
     original_mean = z.mean()
-    z = z * weights.reshape(weights.shape + (1,)).expand(z.shape)
+    z = z * weights.reshape((*weights.shape, 1)).expand(z.shape)
     if mode == "Original":
         z = z * (original_mean / z.mean())
     return z
@@ -333,7 +341,13 @@ def hf_tokenizer_info(tokenizer: Any) -> TokenizerInfo:
         return tokenizer(list(texts), truncation=False, add_special_tokens=False)["input_ids"]
 
     vocab = tokenizer.get_vocab()
-    return TokenizerInfo(tokenize, tokenizer.bos_token_id, tokenizer.eos_token_id, vocab.get(",</w>"))
+    by_id = {i: t for t, i in vocab.items()}
+    byte_decoder = getattr(tokenizer, "byte_decoder", None)
+
+    def decode(token_id: int) -> str:
+        return bpe_to_text(by_id.get(token_id, "?"), byte_decoder)
+
+    return TokenizerInfo(tokenize, tokenizer.bos_token_id, tokenizer.eos_token_id, vocab.get(",</w>"), decode)
 
 
 def open_clip_tokenizer_info(tokenizer: Any) -> TokenizerInfo:
@@ -343,4 +357,9 @@ def open_clip_tokenizer_info(tokenizer: Any) -> TokenizerInfo:
         return [tokenizer.encode(t) for t in texts]
 
     enc = tokenizer.encoder
-    return TokenizerInfo(tokenize, enc["<start_of_text>"], enc["<end_of_text>"], enc.get(",</w>"))
+    byte_decoder = getattr(tokenizer, "byte_decoder", None)
+
+    def decode(token_id: int) -> str:
+        return bpe_to_text(tokenizer.decoder.get(token_id, "?"), byte_decoder)
+
+    return TokenizerInfo(tokenize, enc["<start_of_text>"], enc["<end_of_text>"], enc.get(",</w>"), decode)

@@ -103,6 +103,8 @@ class TokenizerInfo:
     id_start: int
     id_end: int
     comma: int | None
+    #: token id -> readable text, for display (nearest tokens)
+    decode: Callable[[int], str] | None = None
 
 
 class EmbeddingIndex:

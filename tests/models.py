@@ -49,7 +49,8 @@ def tokenizer_dir() -> Path:
     oc = open_clip_module()
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
 
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    with gzip.open(default_bpe()) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
     vocab = list(bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
@@ -121,7 +122,7 @@ def _register_open_clip(name: str) -> None:
             "width": c["width"],
             "heads": c["heads"],
             "layers": LAYERS,
-        },  # fmt: skip
+        },
     }
     del oc
 
