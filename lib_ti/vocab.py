@@ -29,11 +29,8 @@ def bpe_to_text(bpe: str, byte_decoder: dict[str, int] | None) -> str:
     """Readable text of a BPE vocabulary entry: ``"cat</w>"`` -> ``"cat "``."""
     end = bpe.endswith("</w>")
     core = bpe[:-4] if end else bpe
-    if byte_decoder:
-        try:
-            core = bytearray(byte_decoder[c] for c in core).decode("utf-8", errors="replace")
-        except KeyError:
-            pass
+    if byte_decoder and all(c in byte_decoder for c in core):
+        core = bytearray(byte_decoder[c] for c in core).decode("utf-8", errors="replace")
     return core + (" " if end else "")
 
 
