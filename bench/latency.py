@@ -81,7 +81,7 @@ def main() -> None:
         embeddings={"q": emb},
     )
     expr = (
-        "('a photo of a cat' + 'a painting of a dog') * 0.5 : 6 + avg('red', 'blue', q[0:2]) - 'noise' * 0.1"
+        "('a photo of a cat' + 'a painting of a dog') * 0.5 : 6 + avg('red', 'blue', 'q'[0:2]) - 'noise' * 0.1"
     )
     merge = median_ms(lambda: evaluate(expr, ctx), args.repeats)
     create = median_ms(
