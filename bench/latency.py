@@ -80,9 +80,7 @@ def main() -> None:
         token_vectors=lambda ids: {k: t.token_vectors(ids) for k, t in tables.items()},
         embeddings={"q": emb},
     )
-    expr = (
-        "('a photo of a cat' + 'a painting of a dog') * 0.5 : 6 + avg('red', 'blue', 'q'[0:2]) - 'noise' * 0.1"
-    )
+    expr = "('a photo of a cat' + 'a painting of a dog') * 0.5 : 6 + avg('red', 'blue', 'q'[0:2]) - 'noise' * 0.1"
     merge = median_ms(lambda: evaluate(expr, ctx), args.repeats)
     create = median_ms(
         lambda: create_embedding(CreateArgs("bench", 4, "text", "a small orange tabby cat"), tables),

@@ -25,9 +25,17 @@ import torch
 from lib_ti.errors import EmbeddingFormatError, UnsafeFileError
 
 _TORCH_STORAGES = (
-    "FloatStorage", "HalfStorage", "BFloat16Storage", "DoubleStorage",
-    "IntStorage", "LongStorage", "ByteStorage", "CharStorage", "ShortStorage", "BoolStorage",
-)  # fmt: skip
+    "FloatStorage",
+    "HalfStorage",
+    "BFloat16Storage",
+    "DoubleStorage",
+    "IntStorage",
+    "LongStorage",
+    "ByteStorage",
+    "CharStorage",
+    "ShortStorage",
+    "BoolStorage",
+)
 
 
 def _numpy_multiarray() -> Any:
@@ -149,8 +157,19 @@ def scan(data: bytes, label: str) -> None:
         raise
     except EmbeddingFormatError:
         raise
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, TypeError,
-            IndexError, KeyError, AttributeError, UnicodeDecodeError, MemoryError, RuntimeError) as e:  # fmt: skip
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        zipfile.BadZipFile,
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        AttributeError,
+        UnicodeDecodeError,
+        MemoryError,
+        RuntimeError,
+    ) as e:
         msg = f"{label}: not a readable torch file (truncated or corrupt: {type(e).__name__}: {e})"
         raise EmbeddingFormatError(msg) from None
 
@@ -167,7 +186,18 @@ def load(data: bytes, label: str) -> Any:
     except UnsafeFileError as e:
         msg = f"{label}: refused, the pickle asks for {e} (nothing was run)"
         raise UnsafeFileError(msg) from None
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, TypeError, IndexError,
-            KeyError, AttributeError, UnicodeDecodeError, MemoryError, RuntimeError) as e:  # fmt: skip
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        zipfile.BadZipFile,
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        AttributeError,
+        UnicodeDecodeError,
+        MemoryError,
+        RuntimeError,
+    ) as e:
         msg = f"{label}: not a readable torch file ({type(e).__name__}: {e})"
         raise EmbeddingFormatError(msg) from None

@@ -28,8 +28,19 @@ STOCK_V110_GLOBALS = {
     ("torch._utils", "_rebuild_tensor_v2"),
     ("torch._utils", "_rebuild_parameter"),
     ("torch._utils", "_rebuild_device_tensor_from_numpy"),
-    *(("torch", n) for n in ("FloatStorage", "HalfStorage", "IntStorage", "LongStorage", "DoubleStorage",
-                             "ByteStorage", "float32", "BFloat16Storage")),
+    *(
+        ("torch", n)
+        for n in (
+            "FloatStorage",
+            "HalfStorage",
+            "IntStorage",
+            "LongStorage",
+            "DoubleStorage",
+            "ByteStorage",
+            "float32",
+            "BFloat16Storage",
+        )
+    ),
     ("torch.nn.modules.container", "ParameterDict"),
     ("numpy.core.multiarray", "scalar"),
     ("numpy.core.multiarray", "_reconstruct"),
@@ -37,7 +48,7 @@ STOCK_V110_GLOBALS = {
     ("numpy", "ndarray"),
     ("_codecs", "encode"),
     ("__builtin__", "set"),
-}  # fmt: skip
+}
 
 
 class StockChecker(pickle.Unpickler):

@@ -31,8 +31,13 @@ def sdxl(tmp_path, name="x", seed=1, n=2):
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "lib_ti", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "lib_ti", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_inspect_json(tmp_path, capsys):
@@ -141,8 +146,18 @@ def test_convert_diffusers_pair(tmp_path):
 
     save_file({"<t>": torch.randn(2, 768)}, str(tmp_path / "learned_embeds.safetensors"))
     save_file({"<t>": torch.randn(2, 1280)}, str(tmp_path / "learned_embeds_2.safetensors"))
-    assert main(["convert", str(tmp_path / "learned_embeds.safetensors"), str(tmp_path / "t.safetensors"),
-                 "--g-from", str(tmp_path / "learned_embeds_2.safetensors")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "learned_embeds.safetensors"),
+                str(tmp_path / "t.safetensors"),
+                "--g-from",
+                str(tmp_path / "learned_embeds_2.safetensors"),
+            ]
+        )
+        == 0
+    )
     assert read_embedding(tmp_path / "t.safetensors").kind == "sdxl"
 
 

@@ -25,8 +25,9 @@ PROMPT = "a photo of a red cat sitting on a chair, high quality"
 
 
 def hf_encoder(model=None, **kw):
-    return HFClipEncoder("clip_l", model or models.clip_l(), hf_tokenizer_info(models.hf_tokenizer()),
-                         EncoderSettings(**kw))  # fmt: skip
+    return HFClipEncoder(
+        "clip_l", model or models.clip_l(), hf_tokenizer_info(models.hf_tokenizer()), EncoderSettings(**kw)
+    )
 
 
 def oc_encoder(name="ti-tiny-bigG", model=None, key="clip_g", **kw):

@@ -56,8 +56,11 @@ def test_a1111_pt_sd2_with_ordereddict(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_kohya_sd1_safetensors(tmp_path, dtype):
     # sd-scripts train_textual_inversion.py save_weights: {"emb_params": T} with save_dtype and metadata.
-    save_file({"emb_params": vec(4, 768).to(dtype)}, str(tmp_path / "k.safetensors"),
-              {"ss_output_name": "k", "modelspec.title": "k"})  # fmt: skip
+    save_file(
+        {"emb_params": vec(4, 768).to(dtype)},
+        str(tmp_path / "k.safetensors"),
+        {"ss_output_name": "k", "modelspec.title": "k"},
+    )
     emb = read_embedding(tmp_path / "k.safetensors")
     assert (emb.kind, emb.num_vectors) == ("sd1", 4)
     assert torch.equal(emb.matrix, vec(4, 768).to(dtype).float())
@@ -133,8 +136,14 @@ def test_diffusers_pair_refuses_two_clip_l_files(tmp_path):
 def test_a1111_png_text_chunk(tmp_path):
     # image_embedding.embedding_to_b64: JSON with {"TORCHTENSOR": lists}, base64, in chunk "sd-ti-embedding".
     v = vec(2, 768)
-    payload = {"string_to_token": {"*": 265}, "string_to_param": {"*": {"TORCHTENSOR": v.tolist()}},
-               "name": "chunky", "step": 7, "sd_checkpoint": None, "sd_checkpoint_name": None}  # fmt: skip
+    payload = {
+        "string_to_token": {"*": 265},
+        "string_to_param": {"*": {"TORCHTENSOR": v.tolist()}},
+        "name": "chunky",
+        "step": 7,
+        "sd_checkpoint": None,
+        "sd_checkpoint_name": None,
+    }
     info = PngImagePlugin.PngInfo()
     info.add_text("sd-ti-embedding", base64.b64encode(json.dumps(payload).encode()))
     Image.new("RGB", (32, 32)).save(tmp_path / "whatever.png", pnginfo=info)
@@ -168,8 +177,14 @@ def test_our_border_encoder_matches_a1111_pixel_for_pixel():
     from lib_ti.image_data import insert_border_data
 
     v = load_file(str(REF))["vec"]
-    data = {"string_to_token": {"*": 265}, "string_to_param": {"*": v}, "name": "a1111-img", "step": 42,
-            "sd_checkpoint": "c77d740a47", "sd_checkpoint_name": "tiny-sd1"}  # fmt: skip
+    data = {
+        "string_to_token": {"*": 265},
+        "string_to_param": {"*": v},
+        "name": "a1111-img",
+        "step": 42,
+        "sd_checkpoint": "c77d740a47",
+        "sd_checkpoint_name": "tiny-sd1",
+    }
     ours = insert_border_data(Image.new("RGB", (24, 32), (200, 120, 60)), data)
     with Image.open(DATA / "a1111_border_only.png") as theirs:
         assert np.array_equal(np.asarray(ours), np.asarray(theirs.convert("RGB")))

@@ -26,8 +26,13 @@ def make(kind: str, name: str = "thing", gen: torch.Generator | None = None, **k
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".png"])
 def test_roundtrip(tmp_path, kind, suffix):
-    emb = make(kind, step=120, sd_checkpoint="c77d740a47", sd_checkpoint_name="tiny-sd1",
-               metadata={"lr": "0.005:100, 1e-3", "note": "ünïcode"})  # fmt: skip
+    emb = make(
+        kind,
+        step=120,
+        sd_checkpoint="c77d740a47",
+        sd_checkpoint_name="tiny-sd1",
+        metadata={"lr": "0.005:100, 1e-3", "note": "ünïcode"},
+    )
     path = write_embedding(emb, tmp_path / f"thing{suffix}")
     back = read_embedding(path)
     assert back.kind == kind

@@ -11,8 +11,19 @@ import pytest
 
 from .conftest import ROOT
 
-CORE_MODULES = ["lib_ti", "lib_ti.formats", "lib_ti.cli", "lib_ti.inspect", "lib_ti.library", "lib_ti.convert",
-                "lib_ti.image_data", "lib_ti.safe_pickle", "lib_ti.names", "lib_ti.settings", "lib_ti.hostinfo"]  # fmt: skip
+CORE_MODULES = [
+    "lib_ti",
+    "lib_ti.formats",
+    "lib_ti.cli",
+    "lib_ti.inspect",
+    "lib_ti.library",
+    "lib_ti.convert",
+    "lib_ti.image_data",
+    "lib_ti.safe_pickle",
+    "lib_ti.names",
+    "lib_ti.settings",
+    "lib_ti.hostinfo",
+]
 
 
 def test_core_imports_neither_gradio_nor_host():

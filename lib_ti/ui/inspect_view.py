@@ -113,8 +113,12 @@ def build(host: HostInfo) -> InspectHandlers:
     choices = h.choices()
     default_fmt = str(host.get_option("ti_save_format", "safetensors"))
     with gr.Row():
-        file = gr.Dropdown(label="Embedding", choices=choices, value=choices[0] if choices else None,
-                           elem_id="ti_inspect_file")  # fmt: skip
+        file = gr.Dropdown(
+            label="Embedding",
+            choices=choices,
+            value=choices[0] if choices else None,
+            elem_id="ti_inspect_file",
+        )
         refresh = gr.Button("🔄", elem_id="ti_inspect_refresh", elem_classes=["tool", "ti-tool"])
         upload = gr.File(label="…or inspect a file", elem_id="ti_inspect_upload", **file_upload_kwargs())
     status = gr.Markdown(f"{len(choices)} file(s) in `{h.folder()}`", elem_id="ti_inspect_status")
@@ -132,8 +136,12 @@ def build(host: HostInfo) -> InspectHandlers:
     with gr.Accordion("Convert and save as", open=False):
         with gr.Row():
             new_name = gr.Textbox(label="New name", elem_id="ti_inspect_new_name")
-            fmt = gr.Radio(["safetensors", "pt", "png"], value=default_fmt if default_fmt in ("safetensors", "pt") else "safetensors",
-                           label="Format", elem_id="ti_inspect_format")  # fmt: skip
+            fmt = gr.Radio(
+                ["safetensors", "pt", "png"],
+                value=default_fmt if default_fmt in ("safetensors", "pt") else "safetensors",
+                label="Format",
+                elem_id="ti_inspect_format",
+            )
         target = gr.Radio(
             list(CONVERT_TARGETS), value="same kind", label="Convert to", elem_id="ti_inspect_target"
         )

@@ -115,12 +115,34 @@ def a1111(host_paths, tmp_path_factory):
         webui / "models" / "Stable-diffusion" / f"{os.environ.get('SD_WEBUI_CKPT', 'tiny-sd1')}.safetensors"
     )
     log = tmp_path_factory.mktemp("host") / "webui.log"
-    args = [str(python), "launch.py", "--skip-torch-cuda-test", "--no-half", "--precision", "full", "--use-cpu", "all",
-            "--api", "--port", str(port), "--no-download-sd-model", "--ckpt", str(ckpt),
-            "--embeddings-dir", str(embeddings)]  # fmt: skip
+    args = [
+        str(python),
+        "launch.py",
+        "--skip-torch-cuda-test",
+        "--no-half",
+        "--precision",
+        "full",
+        "--use-cpu",
+        "all",
+        "--api",
+        "--port",
+        str(port),
+        "--no-download-sd-model",
+        "--ckpt",
+        str(ckpt),
+        "--embeddings-dir",
+        str(embeddings),
+    ]
     with open(log, "wb") as logf:
-        proc = subprocess.Popen(args, cwd=webui, env=_env(webui), stdout=logf, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            args,
+            cwd=webui,
+            env=_env(webui),
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     host = Host(f"http://127.0.0.1:{port}", webui, embeddings, log)
     try:
         deadline = time.time() + 600

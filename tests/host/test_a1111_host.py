@@ -66,14 +66,22 @@ def test_describe_shows_host_status(a1111):
 
 def test_save_as_is_usable_in_the_next_prompt(a1111):
     name = f"ti-conv-{time.time_ns() % 10**8}"
-    inputs = ["ti_inspect_file", "ti_inspect_other", "ti_inspect_new_name", "ti_inspect_format",
-              "ti_inspect_target", "ti_inspect_overwrite"]  # fmt: skip
+    inputs = [
+        "ti_inspect_file",
+        "ti_inspect_other",
+        "ti_inspect_new_name",
+        "ti_inspect_format",
+        "ti_inspect_target",
+        "ti_inspect_overwrite",
+    ]
     out = a1111.call(
         inputs, ["ti-sdxl.safetensors", None, name, "pt", "SD1 (CLIP-L half of an SDXL embedding)", False]
     )
     assert "Saved" in out[-1], out
     assert (a1111.embeddings / f"{name}.pt").exists()
     assert name in a1111.get("/sdapi/v1/embeddings")["loaded"]
-    r = a1111.post("/sdapi/v1/txt2img", {"prompt": f"a photo of {name} {time.time_ns()}", "steps": 1,
-                                          "width": 64, "height": 64, "seed": 1})  # fmt: skip
+    r = a1111.post(
+        "/sdapi/v1/txt2img",
+        {"prompt": f"a photo of {name} {time.time_ns()}", "steps": 1, "width": 64, "height": 64, "seed": 1},
+    )
     assert f"{name}:" in r["info"], r["info"][-300:]  # "TI hashes: name: hash" in the infotext
