@@ -140,7 +140,8 @@ def minimal_step_fn(kind, unet, l_model, g_model, tok, vectors):
     return step
 
 
-def trainer_fn(parts, vectors, folder: Path, steps: int):
+def trainer_fn(parts, vectors, folder: Path, steps: int, fresh: bool = False):
+    """A function running our trainer; with ``fresh`` each call times one full step of a new 1-step run."""
     from PIL import Image
 
     from lib_ti.data import DataArgs, load_dataset
@@ -155,50 +156,59 @@ def trainer_fn(parts, vectors, folder: Path, steps: int):
         parts.encode_image,
     )
     emb = Embedding("benchemb", {k: v.detach() for k, v in vectors.items()})
-    times: list[float] = []
-    last = [time.perf_counter()]
-
-    def progress(p):
-        now = time.perf_counter()
-        times.append(now - last[0])
-        last[0] = now
-
     args = TrainArgs(steps=steps, batch_size=1, validation_every=0, log_dir=str(folder / "log"))
-    trainer = Trainer(parts, data, emb, args, TrainCallbacks(progress=progress))
 
-    def run():
-        last[0] = time.perf_counter()
+    def run_fresh() -> float:
+        trainer = Trainer(parts, data, emb, args, TrainCallbacks())
+        t = time.perf_counter()
         trainer.run()
-        return times
+        return time.perf_counter() - t
 
-    return run
+    def run_all() -> None:
+        Trainer(parts, data, emb, args, TrainCallbacks()).run()
+
+    return run_fresh if fresh else run_all
 
 
 def measure(kind: str, repeats: int) -> tuple[float, float]:
+    """Median seconds of (a) and (b), interleaved a, b, a, b, ... so drift on a shared machine hits both."""
     parts, unet, l_model, g_model, tok = build(kind)
     n = 2
     vectors = {"clip_l": (torch.randn(n, 768) * 0.02).requires_grad_()}
     if kind == "sdxl":
         vectors["clip_g"] = (torch.randn(n, 1280) * 0.02).requires_grad_()
     step = minimal_step_fn(kind, unet, l_model, g_model, tok, vectors)
-    step()  # warm-up
-    a_times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        step()
-        a_times.append(time.perf_counter() - t)
+    a_times, b_times = [], []
     with tempfile.TemporaryDirectory() as d:
-        b_times = trainer_fn(parts, vectors, Path(d), repeats + 1)()[1:]
+        run_one = trainer_fn(parts, vectors, Path(d), 1, fresh=True)
+        step()  # warm-up both
+        run_one()
+        for _ in range(repeats):
+            t = time.perf_counter()
+            step()
+            a_times.append(time.perf_counter() - t)
+            b_times.append(run_one())
     return statistics.median(a_times), statistics.median(b_times)
 
 
+def _child(call: str) -> str:
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import step_cost as s; {call}"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+
+
 def peak_mb(kind: str, variant: str) -> float:
-    code = (
-        "import sys, resource; sys.path.insert(0, %r); import step_cost as s; s.one(%r, %r); "
+    out = _child(
+        f"import resource; s.one({kind!r}, {variant!r}); "
         "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
-    ) % (str(Path(__file__).resolve().parent), kind, variant)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    )
     return float(next(line.split()[1] for line in out.splitlines() if line.startswith("PEAK")))
+
+
+def timed(kind: str, repeats: int) -> tuple[float, float]:
+    """measure() in a fresh process, so only one full-size model is in memory at a time."""
+    out = _child(f"print('TIMES', *s.measure({kind!r}, {repeats}))")
+    a, b = next(line.split()[1:] for line in out.splitlines() if line.startswith("TIMES"))
+    return float(a), float(b)
 
 
 def one(kind: str, variant: str) -> None:
@@ -218,14 +228,14 @@ def one(kind: str, variant: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--kinds", default="sd15,sdxl")
     ap.add_argument("--no-memory", action="store_true")
     args = ap.parse_args()
     torch.set_grad_enabled(True)
     figures = {}
     for kind in args.kinds.split(","):
-        a, b = measure(kind, args.repeats)
+        a, b = timed(kind, args.repeats)
         print(f"{kind}: minimal step {a:.2f} s, trainer step {b:.2f} s, ratio {b / a:.3f}")
         figures[kind] = b / a
         if not args.no_memory:

@@ -13,6 +13,13 @@ from .conftest import ROOT
 
 CORE_MODULES = [
     "lib_ti",
+    "lib_ti.service",
+    "lib_ti.jobs",
+    "lib_ti.train",
+    "lib_ti.data",
+    "lib_ti.merge",
+    "lib_ti.encoders",
+    "lib_ti.create",
     "lib_ti.formats",
     "lib_ti.cli",
     "lib_ti.inspect",
@@ -89,6 +96,7 @@ def test_entry_script_registers_positionally(monkeypatch, tmp_path):
     }
     fake["modules.script_callbacks"].on_ui_tabs = on("ui_tabs")
     fake["modules.script_callbacks"].on_ui_settings = on("ui_settings")
+    fake["modules.script_callbacks"].on_app_started = on("app_started")
     fake["modules.shared"].cmd_opts = types.SimpleNamespace(embeddings_dir=str(tmp_path))
     fake["modules.shared"].opts = types.SimpleNamespace()
     fake["modules.sd_hijack"].model_hijack = types.SimpleNamespace(
@@ -100,10 +108,13 @@ def test_entry_script_registers_positionally(monkeypatch, tmp_path):
         if "." in k:
             setattr(fake["modules"], k.split(".")[1], v)
     monkeypatch.delitem(sys.modules, "lib_ti.host.a1111", raising=False)
+    monkeypatch.delitem(sys.modules, "lib_ti.host.a1111_services", raising=False)
+    monkeypatch.delitem(sys.modules, "lib_ti.host.a1111_model", raising=False)
     import runpy
 
     runpy.run_path(str(ROOT / "scripts" / "ti_tab.py"))
-    assert set(registered) == {"ui_tabs", "ui_settings"}
+    assert set(registered) == {"ui_tabs", "ui_settings", "app_started"}
     [(blocks, title, elem_id)] = registered["ui_tabs"]()
     assert (title, elem_id) == ("Textual Inversion", "ti_tab")
-    monkeypatch.delitem(sys.modules, "lib_ti.host.a1111", raising=False)
+    for name in ("lib_ti.host.a1111", "lib_ti.host.a1111_services", "lib_ti.host.a1111_model"):
+        monkeypatch.delitem(sys.modules, name, raising=False)

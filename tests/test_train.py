@@ -238,3 +238,43 @@ def test_progress_and_csv_log(image_folder, tmp_path):
     rows = (tmp_path / "tiemb.csv").read_text().splitlines()
     assert rows[0].startswith("step,loss")
     assert len(rows) == 4
+
+
+def test_v_prediction_target(image_folder):
+    """With v prediction the target is sqrt(a) * noise - sqrt(1 - a) * x0: a denoiser that returns
+    exactly that has zero loss, and the eps target would not."""
+    parts, data = dataset(image_folder, "sd1")
+    parts.prediction = "v"
+    trainer = Trainer(parts, data, start(parts), TrainArgs(steps=1, validation_every=0))
+    x0 = torch.randn(2, 4, 8, 8)
+    noise = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([100, 800])
+    a = parts.alphas_cumprod[t].view(-1, 1, 1, 1)
+    v = a.sqrt() * noise - (1 - a).sqrt() * x0
+    real = parts.denoise
+    parts.denoise = lambda x, tt, cond: v + 0 * real(x, tt, cond).sum()
+    ids = torch.zeros(2, 6)
+    assert float(trainer._loss(x0, noise, t, ["a", "b"], ids, None).sum()) < 1e-10
+    parts.prediction = "eps"
+    assert float(trainer._loss(x0, noise, t, ["a", "b"], ids, None).sum()) > 0.1
+
+
+def test_snapshots_checkpointing_hook_and_early_stop(image_folder, monkeypatch):
+    parts, data = dataset(image_folder, "sd1")
+    hook = []
+    parts.set_gradient_checkpointing = hook.append
+    saved = []
+    args = TrainArgs(steps=6, snapshot_every=2, validation_every=0, gradient_checkpointing=True)
+    Trainer(parts, data, start(parts), args, TrainCallbacks(save=lambda e, why: saved.append((why, e.step)))).run()
+    assert saved == [("snapshot", 2), ("snapshot", 4), ("final", 6)]
+    assert hook == [True, False]
+
+    # early stop: validation gets worse after step 2; the best vectors (step 2) are what is kept
+    losses = iter([1.0, 0.9, 0.8, 0.85, 0.86, 0.87, 0.88, 0.89])
+    monkeypatch.setattr(Trainer, "validation_loss", lambda self: next(losses))
+    saved.clear()
+    args = TrainArgs(steps=20, validation_every=1, early_stop_patience=3)
+    res = Trainer(parts, data, start(parts), args, TrainCallbacks(save=lambda e, why: saved.append((why, e.step)))).run()
+    assert res.status == "early_stopped"
+    assert saved == [("final", 2)]
+    assert "kept step 2" in res.message

@@ -77,6 +77,7 @@ def _env(webui: Path) -> dict[str, str]:
         DO_NOT_TRACK="1",
         CLIP_PACKAGE="clip-anytorch==2.6.0",
         PYTHONUNBUFFERED="1",
+        LIB_TI_HOST_CHECKS="1",
     )
     reqs = host_root / "requirements_host.txt"
     if reqs.exists():

@@ -1,0 +1,88 @@
+"""Self-checks against the host's own code paths, for the real-host tests.
+
+Registered only when the environment variable ``LIB_TI_HOST_CHECKS=1`` is set (never in normal use).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+
+def conditioning_parity(prompt: str, name: str | None) -> dict[str, Any]:
+    """Our conditioning for ``prompt`` against ``shared.sd_model.get_learned_conditioning``."""
+    from modules import devices, sd_hijack, shared
+
+    from lib_ti.host.a1111_model import build_parts
+
+    m = shared.sd_model
+    parts = build_parts(m)
+    embeddings = {}
+    if name:
+        db = sd_hijack.model_hijack.embedding_db
+        emb = db.word_embeddings[name]
+        vec = emb.vec if isinstance(emb.vec, dict) else {parts.prompt_encoder.keys[0]: emb.vec}
+        embeddings[name] = {k: v.detach().float() for k, v in vec.items() if k in parts.prompt_encoder.keys}
+    with torch.no_grad(), devices.autocast():
+        host = m.get_learned_conditioning([prompt])
+        ours = parts.prompt_encoder.encode([prompt], embeddings)
+    out: dict[str, Any] = {"kind": parts.kind}
+    if isinstance(host, dict):
+        h_cross, h_pooled = host["crossattn"], host["vector"][:, :1280]
+    else:
+        h_cross, h_pooled = host, None
+    out["shape_host"] = list(h_cross.shape)
+    out["shape_ours"] = list(ours.crossattn.shape)
+    if h_cross.shape == ours.crossattn.shape:
+        out["max_abs_diff"] = float((h_cross.float() - ours.crossattn.float().to(h_cross.device)).abs().max())
+        out["scale"] = float(h_cross.float().abs().max())
+    if h_pooled is not None and ours.pooled is not None:
+        out["pooled_max_abs_diff"] = float((h_pooled.float() - ours.pooled.float().to(h_pooled.device)).abs().max())
+    return out
+
+
+def gradient_check(prompt: str, name: str) -> dict[str, Any]:
+    """One backward pass from the host's UNet to the vectors; reports where gradients went."""
+    from modules import shared
+
+    from lib_ti.formats import read_embedding
+    from lib_ti.host.a1111_model import build_parts, frozen
+    from lib_ti.service import Service  # noqa: F401  (import check)
+
+    m = shared.sd_model
+    parts = build_parts(m)
+    changed = frozen(m)
+    try:
+        from lib_ti.host.a1111_services import get_service
+
+        emb = read_embedding(get_service().find_embedding_file(name))
+        vecs = {k: v.clone().requires_grad_() for k, v in emb.vectors.items()}
+        t0 = time.perf_counter()
+        c = parts.prompt_encoder.encode([prompt], {name: vecs})
+        cond = {"crossattn": c.crossattn}
+        if parts.kind == "sdxl":
+            cond["pooled"] = c.pooled
+            cond["time_ids"] = torch.tensor([[512.0, 512, 0, 0, 512, 512]])
+        x = torch.randn(1, 4, 64, 64)
+        out = parts.denoise(x, torch.tensor([500]), cond)
+        out.square().mean().backward()
+        grads = {k: float(v.grad.abs().sum()) if v.grad is not None else None for k, v in vecs.items()}
+        weight_grads = sum(1 for p in m.parameters() if p.grad is not None)
+    finally:
+        for p in changed:
+            p.requires_grad_(True)
+    return {"vector_grad_abs_sum": grads, "weights_with_grad": weight_grads, "seconds": time.perf_counter() - t0,
+            "params_requires_grad_before": len(changed)}  # fmt: skip
+
+
+def add_check_routes(app: Any) -> None:
+    def parity(body: dict) -> Any:
+        return conditioning_parity(str(body["prompt"]), body.get("embedding"))
+
+    def grad(body: dict) -> Any:
+        return gradient_check(str(body["prompt"]), str(body["embedding"]))
+
+    app.add_api_route("/ti/v1/_checks/parity", parity, methods=["POST"])
+    app.add_api_route("/ti/v1/_checks/gradient", grad, methods=["POST"])

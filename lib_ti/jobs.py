@@ -1,0 +1,115 @@
+"""One background job at a time (training), with status for the UI and the REST API."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lib_ti.errors import TIError
+
+logger = logging.getLogger(__name__)
+
+
+class BusyError(TIError):
+    """Another job is running; ``job_id`` names it."""
+
+    def __init__(self, job_id: str, message: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
+@dataclass
+class JobStatus:
+    id: str
+    kind: str
+    name: str
+    state: str = "queued"  # queued, running, finished, stopped, early_stopped, failed, model_changed, error
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    loss_smooth: float | None = None
+    val_loss: float | None = None
+    lr: float | None = None
+    images_per_sec: float | None = None
+    eta_seconds: float | None = None
+    message: str = ""
+    files: list[str] = field(default_factory=list)
+    previews: list[str] = field(default_factory=list)
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.state in ("queued", "running")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Job:
+    def __init__(self, job_id: str, kind: str, name: str) -> None:
+        self.status = JobStatus(job_id, kind, name)
+        self.stop_event = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    @property
+    def id(self) -> str:
+        return self.status.id
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+
+class JobManager:
+    """Runs at most one job; a second submission raises :class:`BusyError` at once (no queue)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self.jobs: dict[str, Job] = {}
+        self.current: Job | None = None
+
+    def submit(self, kind: str, name: str, work: Callable[[Job], None], *, background: bool = True) -> Job:
+        with self._lock:
+            if self.current is not None and self.current.status.running:
+                cur = self.current
+                msg = f"busy: {cur.status.kind} of {cur.status.name!r} is running (job {cur.id})"
+                raise BusyError(cur.id, msg)
+            job = Job(f"{kind}-{next(self._ids)}-{int(time.time())}", kind, name)
+            self.jobs[job.id] = job
+            self.current = job
+
+        def run() -> None:
+            try:
+                job.status.state = "running"
+                work(job)
+                if job.status.state == "running":
+                    job.status.state = "finished"
+            except TIError as e:
+                job.status.state = "error"
+                job.status.message = str(e)
+                logger.error("%s failed: %s", job.id, e)
+            except Exception as e:  # a job must never die silently
+                job.status.state = "error"
+                job.status.message = f"{type(e).__name__}: {e}"
+                logger.error("%s crashed:\n%s", job.id, traceback.format_exc())
+            finally:
+                job.status.ended = time.time()
+
+        if background:
+            job.thread = threading.Thread(target=run, name=f"lib_ti-{job.id}", daemon=True)
+            job.thread.start()
+        else:
+            run()
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        return self.jobs.get(job_id)

@@ -1,0 +1,294 @@
+"""What the tab and the REST API do (create, merge, train), over a host given as plain callables.
+
+No gradio and no host imports: ``lib_ti.host.*`` builds a :class:`HostServices`; tests use real
+tiny models through the same interface.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lib_ti.create import CreateArgs, create_embedding
+from lib_ti.data import DataArgs, builtin_templates, load_dataset, load_template
+from lib_ti.embedding import Embedding
+from lib_ti.errors import TIError
+from lib_ti.formats import read_embedding, write_embedding
+from lib_ti.jobs import Job, JobManager
+from lib_ti.merge import MergeContext, merge_to_embedding
+from lib_ti.names import path_in_folder, validate_name
+from lib_ti.parts import ModelParts
+from lib_ti.train import Progress, TrainArgs, TrainCallbacks, Trainer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+SUFFIX = {"safetensors": ".safetensors", "pt": ".pt"}
+
+
+@dataclass
+class HostServices:
+    """The host as the service sees it."""
+
+    embeddings_dir: Callable[[], str]
+    log_dir: Callable[[], str]
+    #: ModelParts of the loaded model (built at each use; never kept across a model load)
+    build_parts: Callable[[], ModelParts]
+    #: hot reload after any write to the embeddings folder
+    reload_embeddings: Callable[[], None]
+    #: the host's GPU lock (no generation overlaps a training run)
+    exclusive: Callable[[], AbstractContextManager[Any]] = nullcontext
+    #: freeze the model's weights for training; returns a function that restores them
+    freeze_model: Callable[[], Callable[[], None]] = lambda: (lambda: None)
+    #: host progress: begin(job title, total steps), update(step, text), end()
+    progress_begin: Callable[[str, int], None] = lambda title, total: None
+    progress_update: Callable[[int, str], None] = lambda step, text: None
+    progress_end: Callable[[], None] = lambda: None
+    #: the host's own Interrupt button
+    interrupted: Callable[[], bool] = lambda: False
+    #: make a preview image with the host's sampler: (embedding, prompt, step, out_dir) -> file
+    preview: Callable[[Embedding, str, int, Path], str | None] | None = None
+    save_format: Callable[[], str] = lambda: "safetensors"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainRequest:
+    embedding: str
+    dataset: str
+    template: str = "subject_filewords"
+    steps: int = 1000
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: str = "5e-3"
+    lr_shape: str = "constant"
+    warmup_steps: int = 0
+    norm_control: str = "soft"
+    resolution: int | None = None
+    buckets: bool = True
+    flip: bool = False
+    shuffle_tags: bool = False
+    keep_tags: int = 0
+    tag_dropout: float = 0.0
+    repeats: int = 1
+    latent_sampling: str = "deterministic"
+    validation_every: int = 50
+    snapshot_every: int = 0
+    preview_every: int = 0
+    preview_prompt: str = ""
+    train_encoders: list[str] | None = None
+    min_snr_gamma: float = 0.0
+    noise_offset: float = 0.0
+    seed: int = 0
+    resume: bool = False
+    cache_latents_on_disk: bool = False
+
+
+class Service:
+    def __init__(self, host: HostServices) -> None:
+        self.host = host
+        self.jobs = JobManager()
+
+    # ------------------------------------------------------------------ files
+    def folder(self) -> Path:
+        return Path(self.host.embeddings_dir())
+
+    def find_embedding_file(self, name: str) -> Path:
+        validate_name(name)
+        for suffix in (".safetensors", ".pt", ".bin", ".png", ".webp"):
+            p = self.folder() / f"{name}{suffix}"
+            if p.is_file():
+                return p
+        for p in sorted(self.folder().rglob(f"{name}.*")):
+            if p.is_file() and ".preview." not in p.name and p.suffix in (".safetensors", ".pt", ".bin"):
+                return p
+        msg = f"no embedding named {name!r} in {self.folder()}"
+        raise TIError(msg)
+
+    def write(self, emb: Embedding, *, overwrite: bool, fmt: str | None = None) -> Path:
+        fmt = fmt or self.host.save_format()
+        if fmt not in SUFFIX:
+            msg = f"unknown format {fmt!r} (safetensors or pt)"
+            raise TIError(msg)
+        path = path_in_folder(self.folder(), emb.name, SUFFIX[fmt])
+        others = [p for p in path.parent.glob(f"{emb.name}.*") if p != path and p.suffix in (".safetensors", ".pt")]
+        if others and not overwrite:
+            msg = f"an embedding named {emb.name!r} already exists ({others[0].name}); allow overwriting or pick another name"
+            raise FileExistsError(msg)
+        self.folder().mkdir(parents=True, exist_ok=True)
+        out = write_embedding(emb, path, overwrite=overwrite)
+        self._write_sidecar(emb, out)
+        self.host.reload_embeddings()
+        return out
+
+    @staticmethod
+    def _write_sidecar(emb: Embedding, path: Path) -> None:
+        import json
+
+        from lib_ti.atomic import atomic_write_bytes
+
+        version = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sdxl_refiner": "SDXL"}[emb.kind]
+        desc = emb.metadata.get("init_text") or emb.metadata.get("merge_expression") or ""
+        data = {"description": f"{emb.num_vectors} vector(s); {desc}".strip("; "), "sd version": version}
+        atomic_write_bytes(path.with_suffix(".json"), json.dumps(data, indent=2).encode())
+
+    # ------------------------------------------------------------------ create / merge
+    def vocabularies(self, parts: ModelParts) -> dict[str, Any]:
+        return {e.key: e for e in parts.prompt_encoder.encoders}
+
+    def create(self, args: CreateArgs, *, overwrite: bool = False, fmt: str | None = None) -> tuple[Path, list[str]]:
+        # Reads token tables only: no GPU lock, so it works while a training run holds it.
+        parts = self.host.build_parts()
+        result = create_embedding(args, self.vocabularies(parts))
+        path = self.write(result.embedding, overwrite=overwrite, fmt=fmt)
+        return path, result.warnings
+
+    def merge_context(self, parts: ModelParts) -> MergeContext:
+        encs = parts.prompt_encoder.encoders
+        embeddings: dict[str, Embedding] = {}
+        for p in sorted(self.folder().rglob("*")):
+            if p.suffix in (".safetensors", ".pt", ".bin") and p.is_file():
+                try:
+                    e = read_embedding(p)
+                except TIError:
+                    continue
+                embeddings.setdefault(e.name, e)
+        return MergeContext(
+            encoders=tuple(e.key for e in encs),
+            tokenize=encs[0].tokenize,
+            token_vectors=lambda ids: {e.key: e.token_vectors(ids) for e in encs},
+            embeddings=embeddings,
+            pad_id=0 if parts.kind == "sd2" else 49407,
+        )
+
+    def merge(self, expression: str, name: str, *, overwrite: bool = False, fmt: str | None = None) -> Path:
+        parts = self.host.build_parts()
+        emb = merge_to_embedding(expression, self.merge_context(parts), name)
+        return self.write(emb, overwrite=overwrite, fmt=fmt)
+
+    # ------------------------------------------------------------------ train
+    def start_training(self, req: TrainRequest, *, background: bool = True) -> Job:
+        """Start a training job; raises BusyError at once if one is running."""
+        validate_name(req.embedding)
+        if not Path(req.dataset).is_dir():
+            msg = f"dataset folder {req.dataset!r} does not exist"
+            raise TIError(msg)
+        return self.jobs.submit("train", req.embedding, lambda job: self._train(job, req), background=background)
+
+    def _templates(self, template: str) -> list[str]:
+        shipped = builtin_templates()
+        if template in shipped:
+            return load_template(shipped[template])
+        if os.path.isfile(template):
+            return load_template(template)
+        if "[name]" in template:
+            return [line for line in template.splitlines() if line.strip()]
+        msg = f"unknown template {template!r}: one of {', '.join(sorted(shipped))}, a file, or lines with [name]"
+        raise TIError(msg)
+
+    def _train(self, job: Job, req: TrainRequest) -> None:
+        st = job.status
+        src = self.find_embedding_file(req.embedding)
+        start = read_embedding(src)
+        log_dir = Path(self.host.log_dir()) / req.embedding
+        log_dir.mkdir(parents=True, exist_ok=True)
+        resume_path = log_dir / f"{req.embedding}.resume.safetensors"
+        with self.host.exclusive():
+            self.host.progress_begin(f"Training {req.embedding}", req.steps)
+            restore = self.host.freeze_model()
+            try:
+                parts = self.host.build_parts()
+                st.message = "caching latents"
+                data = load_dataset(
+                    DataArgs(
+                        req.dataset,
+                        req.embedding,
+                        self._templates(req.template),
+                        resolution=req.resolution or DEFAULT_RESOLUTION[parts.kind],
+                        buckets=req.buckets,
+                        flip=req.flip,
+                        repeats=req.repeats,
+                        shuffle_tags=req.shuffle_tags,
+                        keep_tags=req.keep_tags,
+                        tag_dropout=req.tag_dropout,
+                        latent_sampling=req.latent_sampling,  # type: ignore[arg-type]
+                        cache_dir=str(log_dir / "latents") if req.cache_latents_on_disk else None,
+                        model_hash=parts.model_hash,
+                        seed=req.seed,
+                    ),
+                    parts.encode_image,
+                    device=parts.device,
+                    dtype=parts.dtype,
+                    progress=lambda done, total: setattr(st, "message", f"caching latents {done}/{total}"),
+                )
+                args = TrainArgs(
+                    steps=req.steps, batch_size=req.batch_size, grad_accum=req.grad_accum, lr=req.lr,
+                    lr_shape=req.lr_shape,  # type: ignore[arg-type]
+                    warmup_steps=req.warmup_steps, norm_control=req.norm_control,  # type: ignore[arg-type]
+                    validation_every=req.validation_every, snapshot_every=req.snapshot_every,
+                    preview_every=req.preview_every if self.host.preview else 0,
+                    train_encoders=tuple(req.train_encoders) if req.train_encoders else None,
+                    min_snr_gamma=req.min_snr_gamma, noise_offset=req.noise_offset, seed=req.seed,
+                    log_dir=str(log_dir),
+                )  # fmt: skip
+                resume = resume_path.read_bytes() if req.resume and resume_path.exists() else None
+                trainer = Trainer(parts, data, start, args, self._callbacks(job, req, log_dir, resume_path), resume)
+                st.total = req.steps
+                st.step = trainer.step
+                st.message = f"training on {len(data.items)} image(s): {data.describe()}"
+                result = trainer.run()
+                st.state = result.status
+                st.message = result.message
+                st.val_losses = list(result.val_losses)
+            finally:
+                restore()
+                self.host.progress_end()
+
+    def _callbacks(self, job: Job, req: TrainRequest, log_dir: Path, resume_path: Path) -> TrainCallbacks:
+        st = job.status
+        fmt = self.host.save_format()
+
+        def save(emb: Embedding, reason: str) -> None:
+            if reason == "snapshot":
+                p = write_embedding(emb, log_dir / f"{emb.name}-{emb.step}{SUFFIX[fmt]}", overwrite=True)
+            else:
+                p = self.write(emb, overwrite=True, fmt=fmt)
+            st.files.append(str(p))
+
+        def save_resume(data: bytes) -> None:
+            from lib_ti.atomic import atomic_write_bytes
+
+            atomic_write_bytes(resume_path, data)
+
+        def progress(p: Progress) -> None:
+            st.step, st.loss, st.loss_smooth, st.lr = p.step, p.loss, p.loss_smooth, p.lr
+            st.images_per_sec, st.eta_seconds = p.images_per_sec, p.eta_seconds
+            st.losses.append((p.step, p.loss))
+            if p.val_loss is not None:
+                st.val_loss = p.val_loss
+                st.val_losses.append((p.step, p.val_loss))
+            text = f"step {p.step}/{p.total} loss {p.loss_smooth:.4f} lr {p.lr:.2g}"
+            if st.val_loss is not None:
+                text += f" val {st.val_loss:.4f}"
+            self.host.progress_update(p.step, text)
+
+        def preview(emb: Embedding, step: int) -> None:
+            if self.host.preview is None:
+                return
+            prompt = req.preview_prompt or f"a photo of {emb.name}"
+            out = self.host.preview(emb, prompt, step, log_dir / "previews")
+            if out:
+                st.previews.append(out)
+
+        return TrainCallbacks(
+            save=save,
+            progress=progress,
+            preview=preview,
+            should_stop=lambda: job.stop_event.is_set() or self.host.interrupted(),
+            save_resume=save_resume,
+        )

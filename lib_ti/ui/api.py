@@ -1,0 +1,174 @@
+"""REST routes under ``/ti/v1`` (FastAPI; pydantic 1 on A1111, 2 on Forge), with the host API's auth."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import asdict, fields
+from typing import Any, Optional
+
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from pydantic import BaseModel
+
+from lib_ti.create import CreateArgs
+from lib_ti.errors import TIError
+from lib_ti.formats import read_embedding
+from lib_ti.inspect import embedding_stats
+from lib_ti.jobs import BusyError
+from lib_ti.library import list_files
+from lib_ti.service import Service, TrainRequest
+
+logger = logging.getLogger(__name__)
+PREFIX = "/ti/v1"
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    """Model fields as a dict on pydantic 1 and 2."""
+    return model.model_dump() if hasattr(model, "model_dump") else model.dict()
+
+
+class CreateBody(BaseModel):
+    name: str
+    vectors: int = 1
+    init_mode: str = "text"
+    init_text: str = "*"
+    seed: Optional[int] = None  # noqa: UP045 (pydantic 1 on Python 3.10 needs Optional)
+    overwrite: bool = False
+    format: Optional[str] = None  # noqa: UP045
+
+
+class MergeBody(BaseModel):
+    expression: str
+    name: str
+    overwrite: bool = False
+    format: Optional[str] = None  # noqa: UP045
+
+
+class TrainBody(BaseModel):
+    embedding: str
+    dataset: str
+    template: str = "subject_filewords"
+    steps: int = 1000
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: str = "5e-3"
+    lr_shape: str = "constant"
+    warmup_steps: int = 0
+    norm_control: str = "soft"
+    resolution: Optional[int] = None  # noqa: UP045
+    buckets: bool = True
+    flip: bool = False
+    shuffle_tags: bool = False
+    keep_tags: int = 0
+    tag_dropout: float = 0.0
+    repeats: int = 1
+    latent_sampling: str = "deterministic"
+    validation_every: int = 50
+    snapshot_every: int = 0
+    preview_every: int = 0
+    preview_prompt: str = ""
+    train_encoders: Optional[list[str]] = None  # noqa: UP045
+    min_snr_gamma: float = 0.0
+    noise_offset: float = 0.0
+    seed: int = 0
+    resume: bool = False
+    cache_latents_on_disk: bool = False
+
+
+def basic_auth(credentials: str | None) -> Callable[..., None] | None:
+    """A dependency that checks HTTP basic auth like the host's ``--api-auth user:pass,user2:pass2``."""
+    if not credentials:
+        return None
+    allowed = dict(c.split(":", 1) for c in credentials.split(",") if ":" in c)
+    security = HTTPBasic()
+
+    def check(creds: HTTPBasicCredentials = Depends(security)) -> None:  # noqa: B008
+        expected = allowed.get(creds.username)
+        if expected is None or not secrets.compare_digest(creds.password, expected):
+            raise HTTPException(status_code=401, detail="Incorrect username or password",
+                                headers={"WWW-Authenticate": "Basic"})  # fmt: skip
+
+    return check
+
+
+def _error(e: Exception, status: int = 400) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": str(e)})
+
+
+def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
+    deps = [Depends(dep)] if (dep := basic_auth(auth)) else []
+
+    def route(path: str, fn: Callable[..., Any], method: str) -> None:
+        app.add_api_route(PREFIX + path, fn, methods=[method], dependencies=deps)
+
+    def embeddings() -> Any:
+        folder = service.folder()
+        return {"folder": str(folder), "files": [e.relpath for e in list_files(folder)]}
+
+    def inspect(name: str) -> Any:
+        try:
+            emb = read_embedding(service.find_embedding_file(name))
+        except TIError as e:
+            return _error(e, 404)
+        stats = {k: [asdict(s) for s in v] for k, v in embedding_stats(emb).items()}
+        return {"name": emb.name, "kind": emb.kind, "vectors": emb.num_vectors, "step": emb.step,
+                "metadata": emb.metadata, "stats": stats}  # fmt: skip
+
+    def create(body: CreateBody) -> Any:
+        b = dump(body)
+        try:
+            path, warnings = service.create(
+                CreateArgs(b["name"], b["vectors"], b["init_mode"], b["init_text"], b["seed"]),
+                overwrite=b["overwrite"],
+                fmt=b["format"],
+            )
+        except FileExistsError as e:
+            return _error(e, 409)
+        except TIError as e:
+            return _error(e)
+        return {"file": str(path), "name": path.stem, "warnings": warnings}
+
+    def merge(body: MergeBody) -> Any:
+        b = dump(body)
+        try:
+            path = service.merge(b["expression"], b["name"], overwrite=b["overwrite"], fmt=b["format"])
+        except FileExistsError as e:
+            return _error(e, 409)
+        except TIError as e:
+            return _error(e)
+        return {"file": str(path), "name": path.stem}
+
+    def train(body: TrainBody) -> Any:
+        b = dump(body)
+        req = TrainRequest(**{f.name: b[f.name] for f in fields(TrainRequest) if f.name in b})
+        try:
+            job = service.start_training(req)
+        except BusyError as e:
+            return JSONResponse(status_code=409, content={"error": str(e), "job_id": e.job_id})
+        except TIError as e:
+            return _error(e)
+        return JSONResponse(status_code=202, content={"job_id": job.id})
+
+    def job_status(job_id: str) -> Any:
+        job = service.jobs.get(job_id)
+        if job is None:
+            return _error(TIError(f"no job {job_id}"), 404)
+        return job.status.to_dict()
+
+    def job_stop(job_id: str) -> Any:
+        job = service.jobs.get(job_id)
+        if job is None:
+            return _error(TIError(f"no job {job_id}"), 404)
+        job.stop()
+        return {"job_id": job_id, "stopping": job.status.running}
+
+    route("/embeddings", embeddings, "GET")
+    route("/inspect/{name}", inspect, "GET")
+    route("/create", create, "POST")
+    route("/merge", merge, "POST")
+    route("/train", train, "POST")
+    route("/jobs/{job_id}", job_status, "GET")
+    route("/jobs/{job_id}/stop", job_stop, "POST")
