@@ -88,8 +88,11 @@ def make_model(parts):
     alphas = parts.alphas_cumprod
 
     def h(crossattn):
-        return unet(probe.expand(crossattn.shape[0], -1, -1, -1), t_probe.expand(crossattn.shape[0]),
-                    encoder_hidden_states=crossattn).sample
+        return unet(
+            probe.expand(crossattn.shape[0], -1, -1, -1),
+            t_probe.expand(crossattn.shape[0]),
+            encoder_hidden_states=crossattn,
+        ).sample
 
     def denoise(x, t, cond):
         a = alphas[t].view(-1, 1, 1, 1).to(x.dtype)
@@ -130,7 +133,11 @@ def main() -> None:
     latents = latents_for(parts, h, hidden.vectors, prompts)
     gen = torch.Generator().manual_seed(2)
     val_idx = torch.arange(len(prompts)).repeat(4)
-    val = (latents[val_idx], [prompts[i] for i in val_idx], torch.randint(0, 1000, (len(val_idx),), generator=gen))
+    val = (
+        latents[val_idx],
+        [prompts[i] for i in val_idx],
+        torch.randint(0, 1000, (len(val_idx),), generator=gen),
+    )
     other = create_embedding(CreateArgs(NAME, 2, "random", seed=99), vocabs).embedding
     zeros = {k: torch.zeros_like(v) for k, v in hidden.vectors.items()}
     l_hidden, l_init = val_loss(parts, h, hidden.vectors, val), val_loss(parts, h, init.vectors, val)
@@ -143,13 +150,22 @@ def main() -> None:
     results = {}
     for label, norm in (("norm", "soft"), ("no_norm", "off")):
         t0 = time.perf_counter()
-        targs = TrainArgs(steps=args.steps, batch_size=4, lr=args.lr, validation_every=0, norm_control=norm,
-                          min_snr_gamma=GAMMA, seed=3)
+        targs = TrainArgs(
+            steps=args.steps,
+            batch_size=4,
+            lr=args.lr,
+            validation_every=0,
+            norm_control=norm,
+            min_snr_gamma=GAMMA,
+            seed=3,
+        )
         res = Trainer(parts, PromptLatentDataset(latents, prompts), init, targs).run()
         learned = res.embedding.vectors
         l_learned = val_loss(parts, h, learned, val)
         recovered = (l_init - l_learned) / (l_init - l_hidden)
-        cos = float(torch.nn.functional.cosine_similarity(learned["clip_l"], hidden.vectors["clip_l"], dim=1).mean())
+        cos = float(
+            torch.nn.functional.cosine_similarity(learned["clip_l"], hidden.vectors["clip_l"], dim=1).mean()
+        )
         print(
             f"{label}: L_init {l_init:.4f} L_learned {l_learned:.4f} L_hidden {l_hidden:.4f} "
             f"recovered {recovered:.3f} cos {cos:.3f} "

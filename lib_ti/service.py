@@ -44,7 +44,7 @@ class HostServices:
     #: the host's GPU lock (no generation overlaps a training run)
     exclusive: Callable[[], AbstractContextManager[Any]] = nullcontext
     #: freeze the model's weights for training; returns a function that restores them
-    freeze_model: Callable[[], Callable[[], None]] = lambda: (lambda: None)
+    freeze_model: Callable[[], Callable[[], None]] = lambda: lambda: None
     #: host progress: begin(job title, total steps), update(step, text), end()
     progress_begin: Callable[[str, int], None] = lambda title, total: None
     progress_update: Callable[[int, str], None] = lambda step, text: None
@@ -116,7 +116,9 @@ class Service:
             msg = f"unknown format {fmt!r} (safetensors or pt)"
             raise TIError(msg)
         path = path_in_folder(self.folder(), emb.name, SUFFIX[fmt])
-        others = [p for p in path.parent.glob(f"{emb.name}.*") if p != path and p.suffix in (".safetensors", ".pt")]
+        others = [
+            p for p in path.parent.glob(f"{emb.name}.*") if p != path and p.suffix in (".safetensors", ".pt")
+        ]
         if others and not overwrite:
             msg = f"an embedding named {emb.name!r} already exists ({others[0].name}); allow overwriting or pick another name"
             raise FileExistsError(msg)
@@ -141,7 +143,9 @@ class Service:
     def vocabularies(self, parts: ModelParts) -> dict[str, Any]:
         return {e.key: e for e in parts.prompt_encoder.encoders}
 
-    def create(self, args: CreateArgs, *, overwrite: bool = False, fmt: str | None = None) -> tuple[Path, list[str]]:
+    def create(
+        self, args: CreateArgs, *, overwrite: bool = False, fmt: str | None = None
+    ) -> tuple[Path, list[str]]:
         # Reads token tables only: no GPU lock, so it works while a training run holds it.
         parts = self.host.build_parts()
         result = create_embedding(args, self.vocabularies(parts))
@@ -171,6 +175,16 @@ class Service:
         emb = merge_to_embedding(expression, self.merge_context(parts), name)
         return self.write(emb, overwrite=overwrite, fmt=fmt)
 
+    def _card_preview(self, name: str, image: Path) -> None:
+        """The newest preview as ``<name>.preview.png`` beside the embedding (the Extra Networks card)."""
+        from lib_ti.atomic import atomic_write_bytes
+
+        try:
+            target = path_in_folder(self.folder(), name, ".preview.png")
+            atomic_write_bytes(target, image.read_bytes())
+        except (OSError, TIError) as e:
+            logger.warning("could not write the card preview for %s: %s", name, e)
+
     # ------------------------------------------------------------------ train
     def start_training(self, req: TrainRequest, *, background: bool = True) -> Job:
         """Start a training job; raises BusyError at once if one is running."""
@@ -178,7 +192,9 @@ class Service:
         if not Path(req.dataset).is_dir():
             msg = f"dataset folder {req.dataset!r} does not exist"
             raise TIError(msg)
-        return self.jobs.submit("train", req.embedding, lambda job: self._train(job, req), background=background)
+        return self.jobs.submit(
+            "train", req.embedding, lambda job: self._train(job, req), background=background
+        )
 
     def _templates(self, template: str) -> list[str]:
         shipped = builtin_templates()
@@ -237,7 +253,9 @@ class Service:
                     log_dir=str(log_dir),
                 )  # fmt: skip
                 resume = resume_path.read_bytes() if req.resume and resume_path.exists() else None
-                trainer = Trainer(parts, data, start, args, self._callbacks(job, req, log_dir, resume_path), resume)
+                trainer = Trainer(
+                    parts, data, start, args, self._callbacks(job, req, log_dir, resume_path), resume
+                )
                 st.total = req.steps
                 st.step = trainer.step
                 st.message = f"training on {len(data.items)} image(s): {data.describe()}"
@@ -284,6 +302,7 @@ class Service:
             out = self.host.preview(emb, prompt, step, log_dir / "previews")
             if out:
                 st.previews.append(out)
+                self._card_preview(emb.name, Path(out))
 
         return TrainCallbacks(
             save=save,

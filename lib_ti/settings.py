@@ -13,7 +13,7 @@ class Setting:
     key: str
     default: Any
     label: str
-    #: "text", "checkbox" or "radio"
+    #: "text", "number", "checkbox" or "radio"
     component: str = "text"
     choices: tuple[str, ...] = field(default_factory=tuple)
     info: str = ""
@@ -27,6 +27,12 @@ SETTINGS: tuple[Setting, ...] = (
         "radio",
         ("safetensors", "pt"),
         ".safetensors loads on every host and cannot run code; .pt is A1111's own format",
+    ),
+    Setting(
+        "ti_preview_size",
+        0,
+        "Size of training previews in pixels (0: 512 for SD1, 1024 for SDXL)",
+        "number",
     ),
     Setting(
         "ti_log_dir",

@@ -70,8 +70,15 @@ def test_train_job_runs_saves_and_logs(env):
     service, emb_dir, log_dir, data_dir, reloads, _ = env
     service.create(CreateArgs("trained", 1, "text", "a painting"))
     job = service.start_training(
-        TrainRequest("trained", str(data_dir), template="subject_filewords", steps=3, resolution=64,
-                     validation_every=2, snapshot_every=2),
+        TrainRequest(
+            "trained",
+            str(data_dir),
+            template="subject_filewords",
+            steps=3,
+            resolution=64,
+            validation_every=2,
+            snapshot_every=2,
+        ),
         background=False,
     )
     st = job.status
@@ -90,7 +97,9 @@ def test_second_training_is_refused_while_one_runs(env):
     service.create(CreateArgs("busy", 1, "text", "a painting"))
     lock.acquire()  # the "GPU" is taken: the first job waits inside it
     try:
-        job = service.start_training(TrainRequest("busy", str(data_dir), steps=50, resolution=64, validation_every=0))
+        job = service.start_training(
+            TrainRequest("busy", str(data_dir), steps=50, resolution=64, validation_every=0)
+        )
         with pytest.raises(BusyError) as e:
             service.start_training(TrainRequest("busy", str(data_dir), steps=1, resolution=64))
         assert e.value.job_id == job.id
@@ -136,11 +145,20 @@ def test_rest_api(env):
     r = client.post("/ti/v1/merge", json={"expression": "'api1' *", "name": "api3"}, auth=auth)
     assert r.status_code == 400
     assert "column" in r.json()["error"]
-    assert client.get("/ti/v1/embeddings", auth=auth).json()["files"] == ["api1.safetensors", "api2.safetensors"]
+    assert client.get("/ti/v1/embeddings", auth=auth).json()["files"] == [
+        "api1.safetensors",
+        "api2.safetensors",
+    ]
     assert client.get("/ti/v1/inspect/api1", auth=auth).json()["vectors"] == 2
     lock.acquire()
     try:
-        body = {"embedding": "api1", "dataset": str(data_dir), "steps": 40, "resolution": 64, "validation_every": 0}
+        body = {
+            "embedding": "api1",
+            "dataset": str(data_dir),
+            "steps": 40,
+            "resolution": 64,
+            "validation_every": 0,
+        }
         r = client.post("/ti/v1/train", json=body, auth=auth)
         assert r.status_code == 202
         job_id = r.json()["job_id"]

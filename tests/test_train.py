@@ -265,7 +265,9 @@ def test_snapshots_checkpointing_hook_and_early_stop(image_folder, monkeypatch):
     parts.set_gradient_checkpointing = hook.append
     saved = []
     args = TrainArgs(steps=6, snapshot_every=2, validation_every=0, gradient_checkpointing=True)
-    Trainer(parts, data, start(parts), args, TrainCallbacks(save=lambda e, why: saved.append((why, e.step)))).run()
+    Trainer(
+        parts, data, start(parts), args, TrainCallbacks(save=lambda e, why: saved.append((why, e.step)))
+    ).run()
     assert saved == [("snapshot", 2), ("snapshot", 4), ("final", 6)]
     assert hook == [True, False]
 
@@ -274,7 +276,9 @@ def test_snapshots_checkpointing_hook_and_early_stop(image_folder, monkeypatch):
     monkeypatch.setattr(Trainer, "validation_loss", lambda self: next(losses))
     saved.clear()
     args = TrainArgs(steps=20, validation_every=1, early_stop_patience=3)
-    res = Trainer(parts, data, start(parts), args, TrainCallbacks(save=lambda e, why: saved.append((why, e.step)))).run()
+    res = Trainer(
+        parts, data, start(parts), args, TrainCallbacks(save=lambda e, why: saved.append((why, e.step)))
+    ).run()
     assert res.status == "early_stopped"
     assert saved == [("final", 2)]
     assert "kept step 2" in res.message

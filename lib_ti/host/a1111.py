@@ -47,7 +47,7 @@ def get_option(key: str, default: Any) -> Any:
 def register_settings() -> None:
     import gradio as gr
 
-    components = {"text": gr.Textbox, "checkbox": gr.Checkbox, "radio": gr.Radio}
+    components = {"text": gr.Textbox, "number": gr.Number, "checkbox": gr.Checkbox, "radio": gr.Radio}
     for s in SETTINGS:
         args = {"choices": list(s.choices)} if s.component == "radio" else None
         info = shared.OptionInfo(s.default, s.label, components[s.component], args, section=SECTION)

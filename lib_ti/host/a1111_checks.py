@@ -39,7 +39,9 @@ def conditioning_parity(prompt: str, name: str | None) -> dict[str, Any]:
         out["max_abs_diff"] = float((h_cross.float() - ours.crossattn.float().to(h_cross.device)).abs().max())
         out["scale"] = float(h_cross.float().abs().max())
     if h_pooled is not None and ours.pooled is not None:
-        out["pooled_max_abs_diff"] = float((h_pooled.float() - ours.pooled.float().to(h_pooled.device)).abs().max())
+        out["pooled_max_abs_diff"] = float(
+            (h_pooled.float() - ours.pooled.float().to(h_pooled.device)).abs().max()
+        )
     return out
 
 

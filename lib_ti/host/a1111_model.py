@@ -58,7 +58,10 @@ def _clip_l_sd1(cond_model: Any) -> TextEncoder:
     wrapped = cond_model.wrapped
     stop = int(_opt("CLIP_stop_at_last_layers", 1))
     return HFClipEncoder(
-        "clip_l", wrapped.transformer, hf_tokenizer_info(wrapped.tokenizer), EncoderSettings(skip=max(stop, 1) - 1)
+        "clip_l",
+        wrapped.transformer,
+        hf_tokenizer_info(wrapped.tokenizer),
+        EncoderSettings(skip=max(stop, 1) - 1),
     )
 
 
@@ -76,11 +79,15 @@ def _clip_l_sdxl(embedder: Any) -> TextEncoder:
     wrapped = embedder.wrapped
     n_layers = len(wrapped.transformer.text_model.encoder.layers)
     if _opt("sdxl_clip_l_skip", False) is True:
-        settings = EncoderSettings(skip=max(int(_opt("CLIP_stop_at_last_layers", 1)), 1) - 1, final_norm=False)
+        settings = EncoderSettings(
+            skip=max(int(_opt("CLIP_stop_at_last_layers", 1)), 1) - 1, final_norm=False
+        )
     elif wrapped.layer == "last":
         settings = EncoderSettings(skip=0, final_norm=True)
     else:
-        settings = EncoderSettings(skip=_skip_for_hidden_index(n_layers, int(wrapped.layer_idx)), final_norm=False)
+        settings = EncoderSettings(
+            skip=_skip_for_hidden_index(n_layers, int(wrapped.layer_idx)), final_norm=False
+        )
     return HFClipEncoder("clip_l", wrapped.transformer, hf_tokenizer_info(wrapped.tokenizer), settings)
 
 
@@ -109,7 +116,9 @@ def text_encoders(m: Any) -> list[TextEncoder]:
         embedders = m.conditioner.embedders
         texts = [e for e in embedders if getattr(e, "input_key", None) == "txt"]
         if len(texts) != 2:
-            msg = "this SDXL model has no CLIP-L + CLIP-G text encoders (refiner models cannot be trained yet)"
+            msg = (
+                "this SDXL model has no CLIP-L + CLIP-G text encoders (refiner models cannot be trained yet)"
+            )
             raise RuntimeError(msg)
         return [_clip_l_sdxl(texts[0]), _clip_g_sdxl(texts[1])]
     if kind == "sd2":

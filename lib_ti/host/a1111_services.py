@@ -82,12 +82,18 @@ def _preview(emb: Embedding, prompt: str, step: int, out_dir: Path) -> str | Non
     from lib_ti.formats import a1111_data, to_png
 
     db = sd_hijack.model_hijack.embedding_db
+    try:
+        size = int(float(getattr(shared.opts, "ti_preview_size", 0) or 0))
+    except (TypeError, ValueError):
+        size = 0
+    if size < 64:
+        size = 1024 if emb.kind == "sdxl" else 512
     data = a1111_data(emb, with_metadata=False)
     live = ti.create_embedding_from_data(data, emb.name, filename=f"{emb.name}.preview")
     db.register_embedding(live, shared.sd_model)
     try:
         p = processing.StableDiffusionProcessingTxt2Img(
-            sd_model=shared.sd_model, prompt=prompt, steps=20, width=512, height=512, seed=1234, cfg_scale=7,
+            sd_model=shared.sd_model, prompt=prompt, steps=20, width=size, height=size, seed=1234, cfg_scale=7,
             do_not_save_samples=True, do_not_save_grid=True,
         )  # fmt: skip
         p.do_not_reload_embeddings = True

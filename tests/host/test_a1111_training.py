@@ -48,7 +48,9 @@ def switch(host, ckpt):
 
 
 def txt2img(host, prompt, seed=7):
-    return host.post("/sdapi/v1/txt2img", {"prompt": prompt, "steps": 2, "width": 64, "height": 64, "seed": seed})
+    return host.post(
+        "/sdapi/v1/txt2img", {"prompt": prompt, "steps": 2, "width": 64, "height": 64, "seed": seed}
+    )
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -80,9 +82,11 @@ def test_create_and_merge_usable_in_next_prompt(a1111):
 
 def test_sd1_training_progress_409_and_same_images_after(a1111, dataset):
     before = txt2img(a1111, "a fixed prompt for comparison", seed=42)["images"][0]
-    a1111.post("/ti/v1/create", {"name": "ti-train1", "vectors": 1, "init_text": "a painting", "overwrite": True})
+    a1111.post(
+        "/ti/v1/create", {"name": "ti-train1", "vectors": 1, "init_text": "a painting", "overwrite": True}
+    )
     body = {"embedding": "ti-train1", "dataset": str(dataset), "steps": 12, "resolution": 64,
-            "validation_every": 4, "snapshot_every": 5}  # fmt: skip
+            "validation_every": 4, "snapshot_every": 5, "preview_every": 6}  # fmt: skip
     job_id = a1111.post("/ti/v1/train", body)["job_id"]
     seen_progress = None
     try:
@@ -99,11 +103,23 @@ def test_sd1_training_progress_409_and_same_images_after(a1111, dataset):
             break
         time.sleep(0.2)
     st = wait_job(a1111, job_id)
-    print("SD1 training", st["state"], st["message"], "val", st["val_losses"], "progress seen", bool(seen_progress))
+    print(
+        "SD1 training",
+        st["state"],
+        st["message"],
+        "val",
+        st["val_losses"],
+        "progress seen",
+        bool(seen_progress),
+    )
     assert st["state"] == "finished", st
     assert st["step"] == 12
     assert seen_progress is not None and seen_progress["progress"] > 0
     assert "ti-train1" in a1111.get("/sdapi/v1/embeddings")["loaded"]
+    assert len(st["previews"]) == 2  # steps 6 and 12, through the host's own txt2img
+    shown = read_embedding(st["previews"][-1])  # the preview PNG carries the embedding, as A1111 does it
+    assert (shown.name, shown.step) == ("ti-train1", 12)
+    assert (a1111.embeddings / "ti-train1.preview.png").exists()
     # the host reads "step" only from .pt files; our safetensors keep it in the header
     assert read_embedding(a1111.embeddings / "ti-train1.safetensors").step == 12
     assert f"ti-train1:" in txt2img(a1111, unique("a photo of ti-train1"))["info"]
@@ -112,8 +128,16 @@ def test_sd1_training_progress_409_and_same_images_after(a1111, dataset):
 
 
 def test_interrupt_ends_training_after_saving(a1111, dataset):
-    a1111.post("/ti/v1/create", {"name": "ti-int", "vectors": 1, "init_text": "a painting", "overwrite": True})
-    body = {"embedding": "ti-int", "dataset": str(dataset), "steps": 500, "resolution": 64, "validation_every": 0}
+    a1111.post(
+        "/ti/v1/create", {"name": "ti-int", "vectors": 1, "init_text": "a painting", "overwrite": True}
+    )
+    body = {
+        "embedding": "ti-int",
+        "dataset": str(dataset),
+        "steps": 500,
+        "resolution": 64,
+        "validation_every": 0,
+    }
     job_id = a1111.post("/ti/v1/train", body)["job_id"]
     for _ in range(600):
         if a1111.get(f"/ti/v1/jobs/{job_id}")["step"] >= 2:
@@ -138,8 +162,16 @@ def test_sdxl_parity_train_and_model_switch(a1111, dataset):
         g = a1111.post("/ti/v1/_checks/gradient", {"prompt": "a photo of ti-sdxl", "embedding": "ti-sdxl"})
         assert g["vector_grad_abs_sum"]["clip_l"] > 0 and g["vector_grad_abs_sum"]["clip_g"] > 0
         assert g["weights_with_grad"] == 0
-        a1111.post("/ti/v1/create", {"name": "ti-xl", "vectors": 2, "init_text": "a painting", "overwrite": True})
-        body = {"embedding": "ti-xl", "dataset": str(dataset), "steps": 10, "resolution": 64, "validation_every": 5}
+        a1111.post(
+            "/ti/v1/create", {"name": "ti-xl", "vectors": 2, "init_text": "a painting", "overwrite": True}
+        )
+        body = {
+            "embedding": "ti-xl",
+            "dataset": str(dataset),
+            "steps": 10,
+            "resolution": 64,
+            "validation_every": 5,
+        }
         st = wait_job(a1111, a1111.post("/ti/v1/train", body)["job_id"])
         print("SDXL training", st["state"], st["message"], st["val_losses"])
         assert st["state"] == "finished", st
