@@ -7,7 +7,6 @@ tiny models through the same interface.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -200,7 +199,7 @@ class Service:
         shipped = builtin_templates()
         if template in shipped:
             return load_template(shipped[template])
-        if os.path.isfile(template):
+        if Path(template).is_file():
             return load_template(template)
         if "[name]" in template:
             return [line for line in template.splitlines() if line.strip()]
