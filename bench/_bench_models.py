@@ -3,10 +3,7 @@ real diffusers configurations, CLIP-L (12 layers) and CLIP-G (32 layers) at real
 
 from __future__ import annotations
 
-import gzip
-import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,13 +15,9 @@ if str(ROOT) not in sys.path:
 
 
 def torchvision_ops() -> None:
-    try:
-        lib = torch.library.Library("torchvision", "FRAGMENT")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        torchvision_ops.lib = lib  # type: ignore[attr-defined]
-    except RuntimeError:
-        pass
+    from tests.conftest import define_torchvision_ops
+
+    define_torchvision_ops()
 
 
 SD15_UNET = dict(
@@ -64,26 +57,9 @@ def unet(kind: str) -> torch.nn.Module:
 
 
 def clip_tokenizer():
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-    from transformers import CLIPTokenizer
+    from tests.models import hf_tokenizer
 
-    with gzip.open(default_bpe()) as f:
-        lines = f.read().decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    vocab = list(bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    d = Path(tempfile.mkdtemp(prefix="ti-bench-tok-"))
-    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer(
-        str(d / "vocab.json"),
-        str(d / "merges.txt"),
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-    )
+    return hf_tokenizer()
 
 
 def clip_l() -> torch.nn.Module:

@@ -21,16 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _torchvision_ops() -> None:
-    try:
-        lib = torch.library.Library("torchvision", "FRAGMENT")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _torchvision_ops.lib = lib  # type: ignore[attr-defined]
-    except RuntimeError:
-        pass
-
-
 def median_ms(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -45,7 +35,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
-    _torchvision_ops()
+    from tests.conftest import define_torchvision_ops
+
+    define_torchvision_ops()
     from open_clip.tokenizer import _tokenizer
 
     from lib_ti.create import CreateArgs, create_embedding

@@ -127,6 +127,22 @@ _ZIP_NAME_RE = re.compile(
 _DATA_PKL_RE = re.compile(r"^([^/]+)/data\.pkl$")
 
 
+#: What a corrupt or truncated file makes the unpickler raise.
+_LOAD_ERRORS = (
+    pickle.UnpicklingError,
+    EOFError,
+    zipfile.BadZipFile,
+    ValueError,
+    TypeError,
+    IndexError,
+    KeyError,
+    AttributeError,
+    UnicodeDecodeError,
+    MemoryError,
+    RuntimeError,
+)
+
+
 def scan(data: bytes, label: str) -> None:
     """Refuse ``data`` (a torch ``.pt`` file's bytes) unless every global it names is allowed."""
     try:
@@ -157,19 +173,7 @@ def scan(data: bytes, label: str) -> None:
         raise
     except EmbeddingFormatError:
         raise
-    except (
-        pickle.UnpicklingError,
-        EOFError,
-        zipfile.BadZipFile,
-        ValueError,
-        TypeError,
-        IndexError,
-        KeyError,
-        AttributeError,
-        UnicodeDecodeError,
-        MemoryError,
-        RuntimeError,
-    ) as e:
+    except _LOAD_ERRORS as e:
         msg = f"{label}: not a readable torch file (truncated or corrupt: {type(e).__name__}: {e})"
         raise EmbeddingFormatError(msg) from None
 
@@ -186,18 +190,6 @@ def load(data: bytes, label: str) -> Any:
     except UnsafeFileError as e:
         msg = f"{label}: refused, the pickle asks for {e} (nothing was run)"
         raise UnsafeFileError(msg) from None
-    except (
-        pickle.UnpicklingError,
-        EOFError,
-        zipfile.BadZipFile,
-        ValueError,
-        TypeError,
-        IndexError,
-        KeyError,
-        AttributeError,
-        UnicodeDecodeError,
-        MemoryError,
-        RuntimeError,
-    ) as e:
+    except _LOAD_ERRORS as e:
         msg = f"{label}: not a readable torch file ({type(e).__name__}: {e})"
         raise EmbeddingFormatError(msg) from None

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 import secrets
+import typing
 from collections.abc import Callable
-from dataclasses import asdict, fields
+from dataclasses import MISSING, asdict, fields
 from typing import Any, Optional
 
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
-from pydantic import BaseModel
+from pydantic import BaseModel, create_model
 
 from lib_ti.create import CreateArgs
 from lib_ti.errors import TIError
@@ -47,35 +48,15 @@ class MergeBody(BaseModel):
     format: Optional[str] = None  # noqa: UP045
 
 
-class TrainBody(BaseModel):
-    embedding: str
-    dataset: str
-    template: str = "subject_filewords"
-    steps: int = 1000
-    batch_size: int = 1
-    grad_accum: int = 1
-    lr: str = "5e-3"
-    lr_shape: str = "constant"
-    warmup_steps: int = 0
-    norm_control: str = "soft"
-    resolution: Optional[int] = None  # noqa: UP045
-    buckets: bool = True
-    flip: bool = False
-    shuffle_tags: bool = False
-    keep_tags: int = 0
-    tag_dropout: float = 0.0
-    repeats: int = 1
-    latent_sampling: str = "deterministic"
-    validation_every: int = 50
-    snapshot_every: int = 0
-    preview_every: int = 0
-    preview_prompt: str = ""
-    train_encoders: Optional[list[str]] = None  # noqa: UP045
-    min_snr_gamma: float = 0.0
-    noise_offset: float = 0.0
-    seed: int = 0
-    resume: bool = False
-    cache_latents_on_disk: bool = False
+def _model_from_dataclass(name: str, cls: type) -> type[BaseModel]:
+    """A pydantic model (v1 or v2) with the fields and defaults of a dataclass."""
+    hints = typing.get_type_hints(cls)
+    spec = {f.name: (hints[f.name], f.default if f.default is not MISSING else ...) for f in fields(cls)}
+    return create_model(name, **spec)  # type: ignore[call-overload]
+
+
+#: The body of POST /ti/v1/train: the fields of lib_ti.service.TrainRequest.
+TrainBody = _model_from_dataclass("TrainBody", TrainRequest)
 
 
 def basic_auth(credentials: str | None) -> Callable[..., None] | None:
@@ -141,7 +122,7 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
             return _error(e)
         return {"file": str(path), "name": path.stem}
 
-    def train(body: TrainBody) -> Any:
+    def train(body: TrainBody) -> Any:  # type: ignore[valid-type]
         b = dump(body)
         req = TrainRequest(**{f.name: b[f.name] for f in fields(TrainRequest) if f.name in b})
         try:
