@@ -53,13 +53,15 @@ class HostServices:
     #: make a preview image with the host's sampler: (embedding, prompt, step, out_dir) -> file
     preview: Callable[[Embedding, str, int, Path], str | None] | None = None
     save_format: Callable[[], str] = lambda: "safetensors"
+    #: {embedding name: "loaded" | "skipped"} from the host's database
+    embedding_status: Callable[[], dict[str, str]] = dict
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class TrainRequest:
     embedding: str
-    dataset: str
+    dataset: str = ""
     template: str = "subject_filewords"
     steps: int = 1000
     batch_size: int = 1
@@ -86,6 +88,28 @@ class TrainRequest:
     seed: int = 0
     resume: bool = False
     cache_latents_on_disk: bool = False
+    # other names accepted for the same settings (REST clients):
+    dataset_dir: str = ""
+    learning_rate: str = ""
+    save_every: int = 0
+    #: training size: resolution = sqrt(width * height) rounded to 64 (buckets keep that area)
+    width: int = 0
+    height: int = 0
+
+    def normalized(self) -> TrainRequest:
+        """The request with the other names folded into the main ones."""
+        from dataclasses import replace
+
+        res = self.resolution
+        if self.width and self.height and not res:
+            res = max(64, round((self.width * self.height) ** 0.5 / 64) * 64)
+        return replace(
+            self,
+            dataset=self.dataset or self.dataset_dir,
+            lr=self.learning_rate or self.lr,
+            snapshot_every=self.snapshot_every or self.save_every,
+            resolution=res,
+        )
 
 
 class Service:
@@ -138,6 +162,21 @@ class Service:
         data = {"description": f"{emb.num_vectors} vector(s); {desc}".strip("; "), "sd version": version}
         atomic_write_bytes(path.with_suffix(".json"), json.dumps(data, indent=2).encode())
 
+    def nearest(self, emb: Embedding, k: int = 5) -> dict[str, list[list[dict[str, Any]]]]:
+        """Top-k vocabulary tokens of each vector on the loaded model's encoders."""
+        from dataclasses import asdict
+
+        from lib_ti.inspect import NearestTokens, nearest_tokens
+
+        parts = self.host.build_parts()
+        key = (parts.model_hash, tuple(parts.prompt_encoder.keys))
+        cache = self.host.extra.setdefault("nearest", {})
+        if key not in cache:
+            cache.clear()
+            cache[key] = {e.key: NearestTokens(e) for e in parts.prompt_encoder.encoders}
+        found = nearest_tokens(emb, cache[key], k)
+        return {enc: [[asdict(n) for n in row] for row in rows] for enc, rows in found.items()}
+
     # ------------------------------------------------------------------ create / merge
     def vocabularies(self, parts: ModelParts) -> dict[str, Any]:
         return {e.key: e for e in parts.prompt_encoder.encoders}
@@ -185,12 +224,31 @@ class Service:
             logger.warning("could not write the card preview for %s: %s", name, e)
 
     # ------------------------------------------------------------------ train
-    def start_training(self, req: TrainRequest, *, background: bool = True) -> Job:
-        """Start a training job; raises BusyError at once if one is running."""
+    def check_training(self, req: TrainRequest) -> TrainRequest:
+        """Everything that can be checked before a job starts; raises TIError with the reason."""
+        from lib_ti.data import scan_images
+        from lib_ti.schedule import LearningRateSchedule, ScheduleArgs
+
+        req = req.normalized()
         validate_name(req.embedding)
-        if not Path(req.dataset).is_dir():
+        if not req.dataset or not Path(req.dataset).is_dir():
             msg = f"dataset folder {req.dataset!r} does not exist"
             raise TIError(msg)
+        self.find_embedding_file(req.embedding)
+        images, _ = scan_images(req.dataset)
+        if not images:
+            msg = f"no images (png, jpg, jpeg, webp) in {req.dataset}"
+            raise TIError(msg)
+        if req.steps < 1:
+            msg = "steps must be at least 1"
+            raise TIError(msg)
+        LearningRateSchedule(ScheduleArgs(req.lr, req.lr_shape, req.warmup_steps), req.steps)  # type: ignore[arg-type]
+        self._templates(req.template)
+        return req
+
+    def start_training(self, req: TrainRequest, *, background: bool = True) -> Job:
+        """Start a training job; raises BusyError at once if one is running, TIError for a bad request."""
+        req = self.check_training(req)
         return self.jobs.submit(
             "train", req.embedding, lambda job: self._train(job, req), background=background
         )

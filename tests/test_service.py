@@ -115,11 +115,20 @@ def test_bad_requests_are_clear(env):
     service, _, _, data_dir, *_ = env
     from lib_ti.errors import TIError
 
+    service.create(CreateArgs("there", 1, "zeros"))
     with pytest.raises(TIError, match="does not exist"):
-        service.start_training(TrainRequest("x", str(data_dir / "nope")))
-    job = service.start_training(TrainRequest("missing", str(data_dir), steps=1), background=False)
-    assert job.status.state == "error"
-    assert "no embedding named 'missing'" in job.status.message
+        service.start_training(TrainRequest("there", str(data_dir / "nope")))
+    with pytest.raises(TIError, match="no embedding named 'missing'"):
+        service.start_training(TrainRequest("missing", str(data_dir), steps=1))
+    with pytest.raises(TIError, match="'..'|path separator"):
+        service.start_training(TrainRequest("../there", str(data_dir), steps=1))
+    with pytest.raises(TIError, match="column"):
+        service.start_training(TrainRequest("there", str(data_dir), lr="0.005:abc"))
+    empty = data_dir.parent / "empty"
+    empty.mkdir()
+    with pytest.raises(TIError, match="no images"):
+        service.start_training(TrainRequest("there", str(empty)))
+    assert service.jobs.current is None  # nothing was started
 
 
 @pytest.mark.versioned
@@ -137,7 +146,11 @@ def test_rest_api(env):
     auth = ("ti", "secret")
     r = client.post("/ti/v1/create", json={"name": "api1", "vectors": 2, "init_text": "a red car"}, auth=auth)
     assert r.status_code == 200, r.text
-    assert r.json()["name"] == "api1"
+    assert {k: r.json()[k] for k in ("name", "kind", "vectors")} == {
+        "name": "api1",
+        "kind": "sd1",
+        "vectors": 2,
+    }
     assert client.post("/ti/v1/create", json={"name": "api1"}, auth=auth).status_code == 409
     assert client.post("/ti/v1/create", json={"name": "../x"}, auth=auth).status_code == 400
     r = client.post("/ti/v1/merge", json={"expression": "'api1' * 2", "name": "api2"}, auth=auth)
@@ -171,4 +184,8 @@ def test_rest_api(env):
     service.jobs.get(job_id).thread.join(timeout=120)
     status = client.get(f"/ti/v1/jobs/{job_id}", auth=auth).json()
     assert status["state"] == "stopped"
+    assert status["job"] == job_id
+    assert status["steps"] == 40
+    assert status["file"].endswith("api1.safetensors")
+    assert status["error"] is None
     assert client.get("/ti/v1/jobs/nope", auth=auth).status_code == 404

@@ -127,6 +127,7 @@ def host_services() -> HostServices:
         interrupted=_interrupted,
         preview=_preview,
         save_format=save_format,
+        embedding_status=a1111.embedding_status,
     )
 
 

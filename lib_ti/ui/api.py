@@ -59,6 +59,38 @@ def _model_from_dataclass(name: str, cls: type) -> type[BaseModel]:
 TrainBody = _model_from_dataclass("TrainBody", TrainRequest)
 
 
+class InspectBody(BaseModel):
+    name: str
+    #: top-k nearest vocabulary tokens per vector and encoder (needs the loaded model; 0: none)
+    nearest: int = 5
+
+
+#: our detailed states -> the API's: queued, running, done, stopped, failed
+STATE = {"queued": "queued", "running": "running", "finished": "done", "early_stopped": "done",
+         "stopped": "stopped", "model_changed": "stopped", "failed": "failed", "error": "failed"}  # fmt: skip
+
+
+def status_view(st: Any) -> dict[str, Any]:
+    d = st.to_dict()
+    d.update(
+        job=st.id,
+        state=STATE.get(st.state, st.state),
+        detail=st.state,
+        steps=st.total,
+        eta_s=st.eta_seconds,
+        file=st.files[-1] if st.files else None,
+        preview=st.previews[-1] if st.previews else None,
+        error=st.message if st.state in ("failed", "error") else None,
+    )
+    return d
+
+
+def describe(emb: Any) -> dict[str, Any]:
+    stats = {k: [asdict(s) for s in v] for k, v in embedding_stats(emb).items()}
+    return {"name": emb.name, "kind": emb.kind, "vectors": emb.num_vectors, "step": emb.step,
+            "sd_checkpoint": emb.sd_checkpoint, "metadata": emb.metadata, "stats": stats}  # fmt: skip
+
+
 def basic_auth(credentials: str | None) -> Callable[..., None] | None:
     """A dependency that checks HTTP basic auth like the host's ``--api-auth user:pass,user2:pass2``."""
     if not credentials:
@@ -87,16 +119,41 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
 
     def embeddings() -> Any:
         folder = service.folder()
-        return {"folder": str(folder), "files": [e.relpath for e in list_files(folder)]}
+        status = service.host.embedding_status()
+        items = []
+        for entry in list_files(folder):
+            try:
+                emb = read_embedding(entry.path)
+            except TIError as e:
+                items.append({"file": entry.relpath, "error": str(e)})
+                continue
+            items.append({"file": entry.relpath, "name": emb.name, "kind": emb.kind, "vectors": emb.num_vectors,
+                          "step": emb.step, "host": status.get(emb.name, "not loaded")})  # fmt: skip
+        return {
+            "folder": str(folder),
+            "files": [i["file"] for i in items],
+            "embeddings": items,
+            "loaded": sorted(n for n, v in status.items() if v == "loaded"),
+            "skipped": sorted(n for n, v in status.items() if v == "skipped"),
+        }
 
     def inspect(name: str) -> Any:
         try:
             emb = read_embedding(service.find_embedding_file(name))
         except TIError as e:
             return _error(e, 404)
-        stats = {k: [asdict(s) for s in v] for k, v in embedding_stats(emb).items()}
-        return {"name": emb.name, "kind": emb.kind, "vectors": emb.num_vectors, "step": emb.step,
-                "metadata": emb.metadata, "stats": stats}  # fmt: skip
+        return describe(emb)
+
+    def inspect_post(body: InspectBody) -> Any:
+        b = dump(body)
+        try:
+            emb = read_embedding(service.find_embedding_file(b["name"]))
+            out = describe(emb)
+            if b["nearest"] > 0:
+                out["nearest"] = service.nearest(emb, int(b["nearest"]))
+        except TIError as e:
+            return _error(e, 404 if "no embedding named" in str(e) else 400)
+        return out
 
     def create(body: CreateBody) -> Any:
         b = dump(body)
@@ -110,7 +167,14 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
             return _error(e, 409)
         except TIError as e:
             return _error(e)
-        return {"file": str(path), "name": path.stem, "warnings": warnings}
+        emb = read_embedding(path)
+        return {
+            "name": emb.name,
+            "kind": emb.kind,
+            "vectors": emb.num_vectors,
+            "file": str(path),
+            "warnings": warnings,
+        }
 
     def merge(body: MergeBody) -> Any:
         b = dump(body)
@@ -120,7 +184,8 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
             return _error(e, 409)
         except TIError as e:
             return _error(e)
-        return {"file": str(path), "name": path.stem}
+        emb = read_embedding(path)
+        return {"name": emb.name, "kind": emb.kind, "vectors": emb.num_vectors, "file": str(path)}
 
     def train(body: TrainBody) -> Any:  # type: ignore[valid-type]
         b = dump(body)
@@ -128,16 +193,18 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
         try:
             job = service.start_training(req)
         except BusyError as e:
-            return JSONResponse(status_code=409, content={"error": str(e), "job_id": e.job_id})
+            return JSONResponse(
+                status_code=409, content={"error": str(e), "job": e.job_id, "job_id": e.job_id}
+            )
         except TIError as e:
             return _error(e)
-        return JSONResponse(status_code=202, content={"job_id": job.id})
+        return JSONResponse(status_code=202, content={"job": job.id, "job_id": job.id})
 
     def job_status(job_id: str) -> Any:
         job = service.jobs.get(job_id)
         if job is None:
             return _error(TIError(f"no job {job_id}"), 404)
-        return job.status.to_dict()
+        return status_view(job.status)
 
     def job_stop(job_id: str) -> Any:
         job = service.jobs.get(job_id)
@@ -148,6 +215,7 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
 
     route("/embeddings", embeddings, "GET")
     route("/inspect/{name}", inspect, "GET")
+    route("/inspect", inspect_post, "POST")
     route("/create", create, "POST")
     route("/merge", merge, "POST")
     route("/train", train, "POST")
