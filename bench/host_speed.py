@@ -49,7 +49,8 @@ def builtin_run(base: str, data: Path, logs: Path, steps: int) -> float:
     r = call(base, "/sdapi/v1/train/embedding", body)
     dt = time.perf_counter() - t
     if "error: None" not in r.get("info", ""):
-        raise SystemExit(f"built-in trainer failed: {r}")
+        msg = f"built-in trainer failed: {r}"
+        raise SystemExit(msg)
     return dt
 
 
@@ -66,7 +67,8 @@ def ours_run(base: str, data: Path, steps: int, name: str | None = None) -> floa
         time.sleep(0.05)
     dt = time.perf_counter() - t
     if st["state"] != "done":
-        raise SystemExit(f"our trainer failed: {st}")
+        msg = f"our trainer failed: {st}"
+        raise SystemExit(msg)
     return dt
 
 
