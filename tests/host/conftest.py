@@ -9,6 +9,7 @@ at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -100,50 +101,23 @@ def host_paths(tmp_path_factory):
     return webui_p, python, emb
 
 
-@pytest.fixture(scope="session")
-def a1111(host_paths, tmp_path_factory):
-    webui, python, embeddings = host_paths
-    from .seed import seed_embeddings
-
-    seed_embeddings(embeddings)
+@contextlib.contextmanager
+def running_host(webui: Path, python: Path, embeddings: Path, log: Path, port: int, extra: list[str]):
+    """Start the web UI like ``launch.sh`` does, wait for its checkpoint, stop it afterwards."""
     link = webui / "extensions" / LINK_NAME
     if link.is_symlink() or not link.exists():
         if link.is_symlink():
             link.unlink()
         link.symlink_to(ROOT, target_is_directory=True)
-    port = int(os.environ.get("SD_WEBUI_PORT", "7861"))
     ckpt = (
         webui / "models" / "Stable-diffusion" / f"{os.environ.get('SD_WEBUI_CKPT', 'tiny-sd1')}.safetensors"
     )
-    log = tmp_path_factory.mktemp("host") / "webui.log"
-    args = [
-        str(python),
-        "launch.py",
-        "--skip-torch-cuda-test",
-        "--no-half",
-        "--precision",
-        "full",
-        "--use-cpu",
-        "all",
-        "--api",
-        "--port",
-        str(port),
-        "--no-download-sd-model",
-        "--ckpt",
-        str(ckpt),
-        "--embeddings-dir",
-        str(embeddings),
-    ]
+    args = [str(python), "launch.py", "--skip-torch-cuda-test", "--no-half", "--precision", "full", "--use-cpu", "all",
+            "--api", "--port", str(port), "--no-download-sd-model", "--ckpt", str(ckpt),
+            "--embeddings-dir", str(embeddings), *extra]  # fmt: skip
     with open(log, "wb") as logf:
-        proc = subprocess.Popen(
-            args,
-            cwd=webui,
-            env=_env(webui),
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        proc = subprocess.Popen(args, cwd=webui, env=_env(webui), stdout=logf, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     host = Host(f"http://127.0.0.1:{port}", webui, embeddings, log)
     try:
         deadline = time.time() + 600
@@ -153,14 +127,18 @@ def a1111(host_paths, tmp_path_factory):
                     f"web UI exited with {proc.returncode}:\n{log.read_text(errors='replace')[-4000:]}"
                 )
             try:
-                host.get("/sdapi/v1/sd-models", timeout=5)
+                # our routes are added by on_app_started, after the host's own API
+                urllib.request.urlopen(host.base + "/ti/v1/embeddings", timeout=5).close()
                 break
+            except urllib.error.HTTPError as e:
+                if e.code != 404:  # 401 with --api-auth: up
+                    break
+                time.sleep(1)
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 if time.time() > deadline:
                     pytest.fail("web UI did not start in 600 s")
                 time.sleep(1)
-        host.post("/sdapi/v1/reload-checkpoint", {})  # waits for the start-up checkpoint load
-        yield host
+        yield host, proc
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -168,3 +146,17 @@ def a1111(host_paths, tmp_path_factory):
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
         print(f"\n[host log: {log}]")
+
+
+@pytest.fixture(scope="session")
+def a1111(host_paths, tmp_path_factory):
+    webui, python, embeddings = host_paths
+    from .seed import seed_embeddings
+
+    seed_embeddings(embeddings)
+    port = int(os.environ.get("SD_WEBUI_PORT", "7861"))
+    log = tmp_path_factory.mktemp("host") / "webui.log"
+    with running_host(webui, python, embeddings, log, port, []) as (host, _proc):
+        host.get("/sdapi/v1/sd-models", timeout=60)
+        host.post("/sdapi/v1/reload-checkpoint", {})  # waits for the start-up checkpoint load
+        yield host
