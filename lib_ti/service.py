@@ -53,6 +53,8 @@ class HostServices:
     #: make a preview image with the host's sampler: (embedding, prompt, step, out_dir) -> file
     preview: Callable[[Embedding, str, int, Path], str | None] | None = None
     save_format: Callable[[], str] = lambda: "safetensors"
+    #: move the image encoder (VAE) off the GPU once latents are cached; returns a function that restores it
+    release_image_encoder: Callable[[], Callable[[], None]] = lambda: lambda: None
     #: {embedding name: "loaded" | "skipped"} from the host's database
     embedding_status: Callable[[], dict[str, str]] = dict
     extra: dict[str, Any] = field(default_factory=dict)
@@ -110,6 +112,10 @@ class TrainRequest:
             snapshot_every=self.snapshot_every or self.save_every,
             resolution=res,
         )
+
+
+def _nothing() -> None:
+    return None
 
 
 class Service:
@@ -274,6 +280,7 @@ class Service:
         with self.host.exclusive():
             self.host.progress_begin(f"Training {req.embedding}", req.steps)
             restore = self.host.freeze_model()
+            restore_vae: Callable[[], None] = _nothing
             try:
                 parts = self.host.build_parts()
                 st.message = "caching latents"
@@ -299,6 +306,7 @@ class Service:
                     dtype=parts.dtype,
                     progress=lambda done, total: setattr(st, "message", f"caching latents {done}/{total}"),
                 )
+                restore_vae = self.host.release_image_encoder()
                 args = TrainArgs(
                     steps=req.steps, batch_size=req.batch_size, grad_accum=req.grad_accum, lr=req.lr,
                     lr_shape=req.lr_shape,  # type: ignore[arg-type]
@@ -321,6 +329,7 @@ class Service:
                 st.message = result.message
                 st.val_losses = list(result.val_losses)
             finally:
+                restore_vae()
                 restore()
                 self.host.progress_end()
 

@@ -24,5 +24,6 @@ def _app_started(_demo, app):
 script_callbacks.on_ui_tabs(_ui_tabs)
 script_callbacks.on_ui_settings(a1111.register_settings)
 script_callbacks.on_app_started(_app_started)
+script_callbacks.on_model_loaded(a1111.on_model_loaded)
 
 print(f"[-] Textual Inversion tab (lib_ti {__version__}) loaded on {_HOST}.")  # noqa: T201

@@ -97,6 +97,7 @@ def test_entry_script_registers_positionally(monkeypatch, tmp_path):
     fake["modules.script_callbacks"].on_ui_tabs = on("ui_tabs")
     fake["modules.script_callbacks"].on_ui_settings = on("ui_settings")
     fake["modules.script_callbacks"].on_app_started = on("app_started")
+    fake["modules.script_callbacks"].on_model_loaded = on("model_loaded")
     fake["modules.shared"].cmd_opts = types.SimpleNamespace(embeddings_dir=str(tmp_path))
     fake["modules.shared"].opts = types.SimpleNamespace()
     fake["modules.sd_hijack"].model_hijack = types.SimpleNamespace(
@@ -113,7 +114,7 @@ def test_entry_script_registers_positionally(monkeypatch, tmp_path):
     import runpy
 
     runpy.run_path(str(ROOT / "scripts" / "ti_tab.py"))
-    assert set(registered) == {"ui_tabs", "ui_settings", "app_started"}
+    assert set(registered) == {"ui_tabs", "ui_settings", "app_started", "model_loaded"}
     [(blocks, title, elem_id)] = registered["ui_tabs"]()
     assert (title, elem_id) == ("Textual Inversion", "ti_tab")
     for name in ("lib_ti.host.a1111", "lib_ti.host.a1111_services", "lib_ti.host.a1111_model"):

@@ -67,3 +67,20 @@ def host_info(name: str = "a1111") -> HostInfo:
         get_option=get_option,
         gradio_major=int(gr.__version__.split(".")[0]),
     )
+
+
+def on_model_loaded(sd_model: Any) -> None:
+    """Re-read the embeddings when the model's width differs from what the database was built for.
+
+    The host forces a reload on a full load but not when it swaps in a cached model
+    (``sd_checkpoints_limit`` > 1), leaving e.g. SDXL embeddings skipped (A1111 issue #13117).
+    """
+    db = _db()
+    try:
+        expected = db.get_expected_shape()
+    except Exception as e:  # the host's own helper; never break a model load
+        logger.warning("could not read the model's embedding width: %s", e)
+        return
+    if db.expected_shape != expected:
+        logger.info("embedding width changed (%s -> %s); reloading embeddings", db.expected_shape, expected)
+        db.load_textual_inversion_embeddings(force_reload=True)

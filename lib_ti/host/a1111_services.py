@@ -40,6 +40,25 @@ def _freeze():
     return restore
 
 
+def _release_vae():
+    """On a GPU, move the VAE to the CPU while training (latents are cached); put it back after."""
+    from modules import shared
+
+    m = shared.sd_model
+    vae = getattr(m, "first_stage_model", None)
+    if vae is None:
+        return lambda: None
+    device = next(vae.parameters()).device
+    if device.type == "cpu":
+        return lambda: None
+    vae.to("cpu")
+
+    def restore() -> None:
+        vae.to(device)
+
+    return restore
+
+
 def _begin(title: str, total: int) -> None:
     from modules import shared
 
@@ -128,6 +147,7 @@ def host_services() -> HostServices:
         preview=_preview,
         save_format=save_format,
         embedding_status=a1111.embedding_status,
+        release_image_encoder=_release_vae,
     )
 
 
