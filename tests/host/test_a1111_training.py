@@ -85,6 +85,7 @@ def test_sd1_training_progress_409_and_same_images_after(a1111, dataset):
     a1111.post(
         "/ti/v1/create", {"name": "ti-train1", "vectors": 1, "init_text": "a painting", "overwrite": True}
     )
+    start = read_embedding(a1111.embeddings / "ti-train1.safetensors").matrix.clone()
     body = {"embedding": "ti-train1", "dataset": str(dataset), "steps": 12, "resolution": 64,
             "validation_every": 4, "snapshot_every": 5, "preview_every": 6}  # fmt: skip
     job_id = a1111.post("/ti/v1/train", body)["job_id"]
@@ -121,7 +122,10 @@ def test_sd1_training_progress_409_and_same_images_after(a1111, dataset):
     assert (shown.name, shown.step) == ("ti-train1", 12)
     assert (a1111.embeddings / "ti-train1.preview.png").exists()
     # the host reads "step" only from .pt files; our safetensors keep it in the header
-    assert read_embedding(a1111.embeddings / "ti-train1.safetensors").step == 12
+    trained = read_embedding(a1111.embeddings / "ti-train1.safetensors")
+    assert trained.step == 12
+    assert (trained.matrix - start).abs().max() > 0  # the vectors changed (and are finite: the reader checks)
+    assert all(v is not None and v == v for _, v in st["losses"])  # finite losses
     assert "ti-train1:" in txt2img(a1111, unique("a photo of ti-train1"))["info"]
     after = txt2img(a1111, "a fixed prompt for comparison", seed=42)["images"][0]
     assert after == before  # generation is exactly as before training
