@@ -230,20 +230,23 @@ class Trainer:
         return torch.tensor([oh, ow, ct, cl, th, tw], dtype=torch.float32)
 
     # ------------------------------------------------------------------ data order
-    def _group(self, step: int) -> list[int]:
-        """Item indices of optimizer step ``step`` (one effective batch from one bucket)."""
+    def _epoch_groups(self, epoch: int) -> list[list[int]]:
         eff = self.args.batch_size * self.args.grad_accum
-        epoch, first = 0, 0
-        cache = getattr(self, "_order_cache", None)
-        if cache and cache[0] <= step:
-            epoch, first, groups = cache[1], cache[2], cache[3]
-        else:
-            groups = self.data.epoch_order(eff, random.Random(self.args.seed * 1000003 + 0))
+        return self.data.epoch_order(eff, random.Random(self.args.seed * 1000003 + epoch))
+
+    def _group(self, step: int) -> list[int]:
+        """Item indices of optimizer step ``step`` (one effective batch from one bucket).
+
+        Steps only move forward within a run, so the current epoch (its number, first step and
+        groups) is kept; a resumed run replays the epochs before its step once.
+        """
+        if getattr(self, "_epoch_at", None) is None or step < self._epoch_at[1]:
+            self._epoch_at = (0, 0, self._epoch_groups(0))
+        epoch, first, groups = self._epoch_at
         while step >= first + len(groups):
-            first += len(groups)
-            epoch += 1
-            groups = self.data.epoch_order(eff, random.Random(self.args.seed * 1000003 + epoch))
-        self._order_cache = (first, epoch, first, groups)
+            epoch, first = epoch + 1, first + len(groups)
+            groups = self._epoch_groups(epoch)
+        self._epoch_at = (epoch, first, groups)
         self.epoch = epoch
         return list(groups[step - first])
 

@@ -42,6 +42,15 @@ def wait_job(host, job_id, timeout=900):
     return None
 
 
+def wait_step(host, job_id, step, timeout=120):
+    """Wait until a running job has done ``step`` optimizer steps."""
+    deadline = time.time() + timeout
+    while host.get(f"/ti/v1/jobs/{job_id}")["step"] < step:
+        if time.time() > deadline:
+            pytest.fail(f"job {job_id} did not reach step {step}")
+        time.sleep(0.2)
+
+
 def switch(host, ckpt):
     host.post("/sdapi/v1/options", {"sd_model_checkpoint": ckpt})
     host.post("/sdapi/v1/reload-checkpoint", {})
@@ -143,10 +152,7 @@ def test_interrupt_ends_training_after_saving(a1111, dataset):
         "validation_every": 0,
     }
     job_id = a1111.post("/ti/v1/train", body)["job_id"]
-    for _ in range(600):
-        if a1111.get(f"/ti/v1/jobs/{job_id}")["step"] >= 2:
-            break
-        time.sleep(0.2)
+    wait_step(a1111, job_id, 2)
     a1111.post("/sdapi/v1/interrupt", {})
     st = wait_job(a1111, job_id)
     assert st["state"] == "stopped", st
@@ -192,10 +198,7 @@ def test_sdxl_parity_train_and_model_switch(a1111, dataset):
         # a checkpoint switch requested mid-training: saved, stopped, then the switch goes through
         body["steps"] = 500
         job_id = a1111.post("/ti/v1/train", body)["job_id"]
-        for _ in range(600):
-            if a1111.get(f"/ti/v1/jobs/{job_id}")["step"] >= 2:
-                break
-            time.sleep(0.2)
+        wait_step(a1111, job_id, 2)
         t = threading.Thread(target=switch, args=(a1111, "tiny-sd1"))
         t.start()
         st = wait_job(a1111, job_id)
