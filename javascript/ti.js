@@ -11,3 +11,16 @@ function tiRefreshCards() {
     }
     return [];
 }
+
+// The Train button: give the job a task id and show the host's progress bar for it (A1111's
+// requestProgress polls /internal/progress with that id). Returns the inputs with the id first.
+function tiTrainStart() {
+    const args = Array.from(arguments);
+    const id = "task(ti-" + Math.random().toString(36).slice(2, 10) + ")";
+    args[0] = id;
+    const anchor = gradioApp().getElementById("ti_train_progress");
+    if (anchor && typeof requestProgress === "function") {
+        requestProgress(id, anchor, null, function() {}, null, 120);
+    }
+    return args;
+}

@@ -31,4 +31,6 @@ class HostInfo:
     reload_embeddings: Callable[[], None] = _no_reload
     get_option: Callable[[str, Any], Any] = _default_option
     gradio_major: int = 3
+    #: the :class:`lib_ti.service.Service` for create, merge and train (None: those tabs explain why)
+    service: Callable[[], Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

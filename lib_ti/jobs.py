@@ -43,6 +43,8 @@ class JobStatus:
     previews: list[str] = field(default_factory=list)
     losses: list[tuple[int, float]] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
+    #: L2 norm of each vector, per encoder, at the last step
+    norms: dict[str, list[float]] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     ended: float | None = None
 

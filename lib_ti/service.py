@@ -45,9 +45,9 @@ class HostServices:
     #: freeze the model's weights for training; returns a function that restores them
     freeze_model: Callable[[], Callable[[], None]] = lambda: lambda: None
     #: host progress: begin(job title, total steps), update(step, text), end()
-    progress_begin: Callable[[str, int], None] = lambda title, total: None
+    progress_begin: Callable[[str, int, str], None] = lambda title, total, task_id: None
     progress_update: Callable[[int, str], None] = lambda step, text: None
-    progress_end: Callable[[], None] = lambda: None
+    progress_end: Callable[[str], None] = lambda task_id: None
     #: the host's own Interrupt button
     interrupted: Callable[[], bool] = lambda: False
     #: make a preview image with the host's sampler: (embedding, prompt, step, out_dir) -> file
@@ -57,6 +57,10 @@ class HostServices:
     release_image_encoder: Callable[[], Callable[[], None]] = lambda: lambda: None
     #: {embedding name: "loaded" | "skipped"} from the host's database
     embedding_status: Callable[[], dict[str, str]] = dict
+    #: the host's settings (``ti_`` keys): (key, default) -> value
+    get_option: Callable[[str, Any], Any] = lambda key, default: default
+    #: a UI task id is waiting for the GPU lock (the host's progress bar shows it as queued)
+    progress_queued: Callable[[str], None] = lambda task_id: None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -90,6 +94,8 @@ class TrainRequest:
     seed: int = 0
     resume: bool = False
     cache_latents_on_disk: bool = False
+    #: the web UI's progress-bar task id (set by the tab; empty from the REST API)
+    task_id: str = ""
     # other names accepted for the same settings (REST clients):
     dataset_dir: str = ""
     learning_rate: str = ""
@@ -183,6 +189,51 @@ class Service:
         found = nearest_tokens(emb, cache[key], k)
         return {enc: [[asdict(n) for n in row] for row in rows] for enc, rows in found.items()}
 
+    # ------------------------------------------------------------------ what the tab shows
+    def loaded_kind(self) -> str:
+        """The loaded model's kind: sd1, sd2 or sdxl."""
+        return self.host.build_parts().kind
+
+    def token_counts(self, text: str) -> dict[str, int]:
+        """How many tokens ``text`` is on each of the loaded model's encoders."""
+        parts = self.host.build_parts()
+        return {e.key: len(e.tokenize(text)) for e in parts.prompt_encoder.encoders}
+
+    def list_embeddings(self, kind: str | None = None) -> list[str]:
+        """Names of the readable embeddings in the folder (only those of ``kind`` when given)."""
+        from lib_ti.formats import list_embedding_files
+
+        names: dict[str, None] = {}
+        for p in list_embedding_files(self.folder()):
+            try:
+                emb = read_embedding(p)
+            except TIError:
+                continue
+            if kind is None or emb.kind == kind or (kind == "sdxl" and emb.kind == "sdxl_refiner"):
+                names.setdefault(emb.name)
+        return sorted(names, key=str.lower)
+
+    def preview_merge(self, expression: str, name: str = "preview") -> Embedding:
+        """What :meth:`merge` would write, without writing it."""
+        parts = self.host.build_parts()
+        return merge_to_embedding(expression, self.merge_context(parts), name)
+
+    def template_prompts(
+        self, template: str, dataset: str, name: str, count: int = 6
+    ) -> list[tuple[str, str]]:
+        """(image file, a prompt it would get) for the first ``count`` images of ``dataset``."""
+        import random
+
+        from lib_ti.data import fill_template, read_caption, scan_images
+
+        lines = self._templates(template)
+        images, _ = scan_images(dataset)
+        rng = random.Random(0)
+        return [
+            (Path(img).name, fill_template(rng.choice(lines), name or "[name]", read_caption(img)))
+            for img in images[:count]
+        ]
+
     # ------------------------------------------------------------------ create / merge
     def vocabularies(self, parts: ModelParts) -> dict[str, Any]:
         return {e.key: e for e in parts.prompt_encoder.encoders}
@@ -220,11 +271,12 @@ class Service:
         return self.write(emb, overwrite=overwrite, fmt=fmt)
 
     def _card_preview(self, name: str, image: Path) -> None:
-        """The newest preview as ``<name>.preview.png`` beside the embedding (the Extra Networks card)."""
+        """The newest preview as ``<name>.preview.<png|webp|jpg>`` beside the embedding (the Extra Networks card)."""
         from lib_ti.atomic import atomic_write_bytes
 
         try:
-            target = path_in_folder(self.folder(), name, ".preview.png")
+            suffix = image.suffix.lower() if image.suffix.lower() in (".png", ".webp", ".jpg") else ".png"
+            target = path_in_folder(self.folder(), name, ".preview" + suffix)
             atomic_write_bytes(target, image.read_bytes())
         except (OSError, TIError) as e:
             logger.warning("could not write the card preview for %s: %s", name, e)
@@ -259,8 +311,16 @@ class Service:
             "train", req.embedding, lambda job: self._train(job, req), background=background
         )
 
+    def templates(self) -> dict[str, Path]:
+        """Template files by name: the shipped ones, then the user's folder (setting ``ti_templates_dir``)."""
+        found = dict(builtin_templates())
+        user = str(self.host.get_option("ti_templates_dir", "") or "").strip()
+        if user and Path(user).is_dir():
+            found.update({p.stem: p for p in sorted(Path(user).glob("*.txt")) if p.stem not in found})
+        return found
+
     def _templates(self, template: str) -> list[str]:
-        shipped = builtin_templates()
+        shipped = self.templates()
         if template in shipped:
             return load_template(shipped[template])
         if Path(template).is_file():
@@ -277,8 +337,10 @@ class Service:
         log_dir = Path(self.host.log_dir()) / req.embedding
         log_dir.mkdir(parents=True, exist_ok=True)
         resume_path = log_dir / f"{req.embedding}.resume.safetensors"
+        if req.task_id:
+            self.host.progress_queued(req.task_id)
         with self.host.exclusive():
-            self.host.progress_begin(f"Training {req.embedding}", req.steps)
+            self.host.progress_begin(f"Training {req.embedding}", req.steps, req.task_id)
             restore = self.host.freeze_model()
             restore_vae: Callable[[], None] = _nothing
             try:
@@ -331,7 +393,7 @@ class Service:
             finally:
                 restore_vae()
                 restore()
-                self.host.progress_end()
+                self.host.progress_end(req.task_id)
 
     def _callbacks(self, job: Job, req: TrainRequest, log_dir: Path, resume_path: Path) -> TrainCallbacks:
         st = job.status
@@ -342,6 +404,8 @@ class Service:
                 p = write_embedding(emb, log_dir / f"{emb.name}-{emb.step}{SUFFIX[fmt]}", overwrite=True)
             else:
                 p = self.write(emb, overwrite=True, fmt=fmt)
+                if self.host.get_option("ti_pt_copy", False) and fmt != "pt":
+                    write_embedding(emb, log_dir / f"{emb.name}.pt", overwrite=True)
             st.files.append(str(p))
 
         def save_resume(data: bytes) -> None:
@@ -352,6 +416,7 @@ class Service:
         def progress(p: Progress) -> None:
             st.step, st.loss, st.loss_smooth, st.lr = p.step, p.loss, p.loss_smooth, p.lr
             st.images_per_sec, st.eta_seconds = p.images_per_sec, p.eta_seconds
+            st.norms = {k: [round(float(x), 4) for x in v] for k, v in p.norms.items()}
             st.losses.append((p.step, p.loss))
             if p.val_loss is not None:
                 st.val_loss = p.val_loss

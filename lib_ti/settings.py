@@ -39,6 +39,34 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "Folder for training logs and previews (empty: textual_inversion_ti in the web UI's data folder)",
     ),
+    Setting("ti_dataset_dir", "", "Default dataset folder in the Train tab"),
+    Setting(
+        "ti_templates_dir",
+        "",
+        "Folder of your own prompt templates (.txt, one prompt per line with [name] and [filewords])",
+    ),
+    Setting(
+        "ti_pt_copy",
+        False,
+        "Also write a .pt copy of each trained embedding into its log folder",
+        "checkbox",
+        info="for tools that read only A1111's .pt files; the embeddings folder keeps one file per name",
+    ),
+    Setting(
+        "ti_preview_format",
+        "png",
+        "Image format of training previews",
+        "radio",
+        ("png", "webp", "jpg"),
+        "png stores the embedding inside the image, as A1111 does",
+    ),
+    Setting("ti_default_vectors", 0, "Default vectors per token for new embeddings (0: recipe, 2)", "number"),
+    Setting("ti_default_steps", 0, "Default training steps (0: recipe, 2000 SD1/SD2, 1200 SDXL)", "number"),
+    Setting(
+        "ti_default_lr", "", "Default learning rate or schedule (empty: recipe, 5e-3 SD1/SD2, 3e-3 SDXL)"
+    ),
+    Setting("ti_default_batch_size", 0, "Default batch size (0: recipe)", "number"),
+    Setting("ti_default_grad_accum", 0, "Default gradient accumulation (0: recipe)", "number"),
 )
 
 DEFAULTS: dict[str, Any] = {s.key: s.default for s in SETTINGS}

@@ -1,93 +1,181 @@
-"""The tab builds under the installed gradio (3.41 here; CI repeats this under 4.40) and is wired right."""
+"""The tab builds under the installed gradio (3.41 here; CI repeats this under 4.40) and is wired right.
+
+The handlers run against a real Service over tiny real models (tests/train_models.py), so creating,
+merging and training through the tab's handlers writes real files.
+"""
 
 from __future__ import annotations
 
 import inspect as pyinspect
+import threading
+import time
 
 import pytest
 import torch
+from PIL import Image
 
 from lib_ti.embedding import Embedding
 from lib_ti.formats import read_embedding, write_embedding
 from lib_ti.hostinfo import HostInfo
+from lib_ti.service import HostServices, Service
+
+from . import train_models as tm
 
 gr = pytest.importorskip("gradio")
 pytestmark = pytest.mark.versioned
 
 
+@pytest.fixture(scope="module")
+def sd1_parts():
+    return tm.make_parts("sd1")
+
+
 @pytest.fixture
 def folder(tmp_path):
-    write_embedding(Embedding("one", {"clip_l": torch.randn(2, 768)}, step=3), tmp_path / "one.safetensors")
-    sub = tmp_path / "sub"
+    emb = tmp_path / "embeddings"
+    emb.mkdir()
+    write_embedding(Embedding("one", {"clip_l": torch.randn(2, 768) * 0.01}, step=3), emb / "one.safetensors")
+    sub = emb / "sub"
     sub.mkdir()
     xl = {"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)}
     write_embedding(Embedding("two", xl), sub / "two.safetensors")
-    (tmp_path / "one.preview.png").write_bytes(b"not listed")
-    return tmp_path
+    (emb / "one.preview.png").write_bytes(b"not listed")
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, c in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200)]):
+        Image.new("RGB", (64, 64), c).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"color {i}, plain")
+    return emb
 
 
 @pytest.fixture
-def host(folder):
-    reloads = []
+def host(folder, tmp_path, sd1_parts):
+    reloads: list[int] = []
+    services = HostServices(
+        embeddings_dir=lambda: str(folder),
+        log_dir=lambda: str(tmp_path / "logs"),
+        build_parts=lambda: sd1_parts,
+        reload_embeddings=lambda: reloads.append(1),
+        exclusive=threading.Lock,
+    )
+    service = Service(services)
     info = HostInfo(
         name="test",
         embeddings_dir=lambda: str(folder),
         embedding_status=lambda: {"one": "loaded", "two": "skipped"},
         reload_embeddings=lambda: reloads.append(1),
+        service=lambda: service,
     )
-    info.extra["reloads"] = reloads
+    info.extra.update(reloads=reloads, service=service, data=str(tmp_path / "data"))
     return info
 
 
 def events(blocks):
     """(fn, n_inputs, n_outputs) for every event, on gradio 3.x and 4.x."""
-    fns = blocks.fns.values() if isinstance(blocks.fns, dict) else blocks.fns
     out = []
     if isinstance(blocks.fns, dict):  # gradio 4
-        for bf in fns:
+        for bf in blocks.fns.values():
             out.append((bf.fn, len(bf.inputs), len(bf.outputs)))
     else:  # gradio 3
-        for bf, dep in zip(fns, blocks.dependencies):
+        for bf, dep in zip(blocks.fns, blocks.dependencies):
             out.append((bf.fn, len(dep["inputs"]), len(dep["outputs"])))
     return out
 
 
-SAMPLE_ARGS = {
-    "relpath": "one.safetensors",
-    "current": "one.safetensors",
-    "source": "one.safetensors",
-    "a": "one.safetensors",
-    "other": "sub/two.safetensors",
-    "b": "sub/two.safetensors",
-    "name": "wired",
-    "fmt": "safetensors",
-    "target_label": "same kind",
-    "overwrite": False,
-}
+def sample_args(host) -> dict[str, object]:
+    data = host.extra["data"]
+    return {
+        "relpath": "one.safetensors",
+        "current": "one.safetensors",
+        "source": "one.safetensors",
+        "a": "one.safetensors",
+        "other": "sub/two.safetensors",
+        "b": "sub/two.safetensors",
+        "name": "wired",
+        "fmt": "safetensors",
+        "target_label": "same kind",
+        "overwrite": False,
+        "vectors": 2,
+        "init_text": "a red car",
+        "mode_label": "from the init text",
+        "seed": -1,
+        "expression": "'cat' * 0.5",
+        "lr": "5e-3:2, 1e-3",
+        "shape": "constant",
+        "warmup": 0,
+        "steps": 3,
+        "template": "subject_filewords",
+        "dataset": data,
+        "embedding": "one",
+        "job_id": "",
+        "upload": str(host.embeddings_dir() + "/one.safetensors"),
+    }
 
 
-def test_tab_builds_and_every_handler_matches_its_wiring(host, folder):
+#: names a second handler would collide on (the same name saved twice)
+PER_FUNCTION = {"MergeHandlers.save": {"name": "wired_merge"}, "InspectHandlers.save_as": {"name": "wired_copy"}}
+
+
+def form_values(host, **over):
+    from lib_ti.ui.train_view import FIELDS
+
+    values = {
+        "embedding": "one", "dataset": host.extra["data"], "template": "subject_filewords", "resolution": 64,
+        "buckets": True, "batch_size": 1, "grad_accum": 1, "lr": "5e-3", "steps": 3, "snapshot_every": 2,
+        "preview_every": 0, "validation_every": 2, "preview_prompt": "", "norm_control": "soft",
+        "lr_shape": "constant", "warmup_steps": 0, "flip": False, "shuffle_tags": False, "keep_tags": 0,
+        "tag_dropout": 0.0, "repeats": 1, "latent_sampling": "deterministic", "min_snr_gamma": 0.0,
+        "noise_offset": 0.0, "seed": 0, "resume": False, "cache_latents_on_disk": False, "train_encoders": "all",
+    }  # fmt: skip
+    values.update(over)
+    return [values[f] for f in FIELDS]
+
+
+def call(fn, args):
+    result = fn(*args)
+    if pyinspect.isgenerator(result):
+        result = list(result)[-1]
+    return result
+
+
+def test_tab_builds_and_every_handler_matches_its_wiring(host):
     from lib_ti.ui.tab import TAB_ID, TAB_TITLE, on_ui_tabs
+    from lib_ti.ui.train_view import FIELDS
 
     [(blocks, title, elem_id)] = on_ui_tabs(host)
     assert (title, elem_id) == (TAB_TITLE, TAB_ID)
     handlers = [e for e in events(blocks) if e[0] is not None]
-    assert {fn.__name__ for fn, _, _ in handlers} >= {
-        "describe",
-        "describe_upload",
-        "refresh",
-        "compare",
-        "save_as",
-    }
+    names = {fn.__qualname__ for fn, _, _ in handlers}
+    assert names >= {
+        "CreateHandlers.budget", "CreateHandlers.count_tokens", "CreateHandlers.create",
+        "MergeHandlers.preview", "MergeHandlers.save",
+        "TrainHandlers.refresh", "TrainHandlers.check_lr", "TrainHandlers.template_preview",
+        "TrainHandlers.apply_recipe", "TrainHandlers.start", "TrainHandlers.watch", "TrainHandlers.stop",
+        "TrainHandlers.current",
+        "InspectHandlers.describe", "InspectHandlers.describe_upload", "InspectHandlers.refresh",
+        "InspectHandlers.compare", "InspectHandlers.save_as",
+    }  # fmt: skip
+    called = set()
     for fn, n_in, n_out in handlers:
-        params = list(pyinspect.signature(fn).parameters)
-        assert len(params) == n_in, (fn.__name__, params, n_in)
-        sample = dict(SAMPLE_ARGS, upload=str(folder / "one.safetensors"))
-        result = fn(*[sample[p] for p in params])
+        params = pyinspect.signature(fn).parameters
+        if any(p.kind is p.VAR_POSITIONAL for p in params.values()):  # start(task_id, *form)
+            assert n_in == 1 + len(FIELDS), (fn.__qualname__, n_in)
+            args = ["", *form_values(host, embedding="one")]
+        else:
+            assert len(params) == n_in, (fn.__qualname__, list(params), n_in)
+            sample = dict(sample_args(host), **PER_FUNCTION.get(fn.__qualname__, {}))
+            args = [sample[p] for p in params]
+        result = call(fn, args)
         if n_out > 1:
-            assert isinstance(result, tuple), fn.__name__
-            assert len(result) == n_out, (fn.__name__, len(result), n_out)
-        assert "⚠" not in str(result), (fn.__name__, result)
+            assert isinstance(result, tuple), fn.__qualname__
+            assert len(result) == n_out, (fn.__qualname__, len(result), n_out)
+        assert "⚠" not in str(result), (fn.__qualname__, result)
+        called.add(fn.__qualname__)
+    assert "TrainHandlers.start" in called
+    job = host.extra["service"].jobs.current
+    job.thread.join(timeout=120)
+    # the Stop handler (job id "" = whatever runs) may have been called before the job ended
+    assert job.status.state in ("finished", "stopped"), job.status.message
 
 
 def test_ids_are_prefixed(host):
@@ -95,28 +183,146 @@ def test_ids_are_prefixed(host):
 
     blocks = build_tab(host)
     ids = [b.elem_id for b in blocks.blocks.values() if getattr(b, "elem_id", None)]
-    assert ids
-    assert all(i.startswith("ti_") for i in ids), ids
+    assert len(ids) > 60
+    assert all(i.startswith("ti_") for i in ids), [i for i in ids if not i.startswith("ti_")]
+    assert len(ids) == len(set(ids)), "element ids must be unique"
 
 
-def test_handlers_behave(host, folder):
+def test_tab_builds_without_a_service(folder):
+    """A host where training is unavailable still gets Inspect; the other views say why."""
+    from lib_ti.ui.create_view import CreateHandlers
+    from lib_ti.ui.tab import build_tab
+
+    info = HostInfo(name="bare", embeddings_dir=lambda: str(folder))
+    build_tab(info)
+    result, card = CreateHandlers(info).create("x", 1, "zeros", "", -1, False)
+    assert "not available on this host" in result and card == ""
+
+
+def test_create_view(host, folder):
+    from lib_ti.ui.create_view import CreateHandlers
+
+    h = CreateHandlers(host)
+    assert "2 of the 75 tokens" in h.budget(2)
+    assert "overfit" in h.budget(20)
+    counts = h.count_tokens("a red sports car", 2)
+    assert "clip_l: 4 token(s)" in counts and "vector i starts as token" in counts
+    assert "used more than once" in h.count_tokens("car", 3)
+    result, card = h.create("mycar", 2, "from the init text", "a red sports car", -1, False)
+    assert "Created mycar.safetensors" in result, result
+    assert "nearest tokens" in card and "`mycar`" in card
+    emb = read_embedding(folder / "mycar.safetensors")
+    assert (emb.kind, emb.num_vectors) == ("sd1", 2)
+    assert host.extra["reloads"]
+    result, _ = h.create("mycar", 1, "zeros", "", -1, False)
+    assert "already exists" in result
+    result, _ = h.create("../evil", 1, "zeros", "", -1, False)
+    assert "⚠" in result and not (folder.parent / "evil.safetensors").exists()
+    result, _ = h.create("empty", 1, "from the init text", "   ", -1, False)
+    assert "⚠" in result and not (folder / "empty.safetensors").exists()
+
+
+def test_merge_view(host, folder):
+    from lib_ti.ui.merge_view import EXAMPLES, MergeHandlers, syntax_help
+
+    h = MergeHandlers(host)
+    for expr in EXAMPLES:  # the examples shown above the box all work
+        summary, rows = h.preview(expr)
+        assert "⚠" not in summary, (expr, summary)
+        assert rows and rows[0][0] == "clip_l"
+    summary, rows = h.preview("'one' , 'cat'")
+    assert "3 vector(s)" in summary
+    summary, rows = h.preview("'cat' * ")
+    assert "column" in summary and rows == []
+    result, card = h.save("avg('cat', 'dog')", "catdog", False)
+    assert "Saved catdog.safetensors" in result, result
+    assert read_embedding(folder / "catdog.safetensors").metadata["merge_expression"] == "avg('cat', 'dog')"
+    result, _ = h.save("'cat'", "catdog", False)
+    assert "already exists" in result
+    assert "## Strings" in syntax_help()
+
+
+def test_train_view_form_helpers(host):
+    from lib_ti.ui.train_view import TrainHandlers
+
+    h = TrainHandlers(host)
+    update, note = h.refresh(None)
+    assert update["choices"] == ["one"]  # "two" is SDXL: not for the loaded SD1 model
+    assert update["value"] == "one" and "SD1" in note
+    assert "until step 100" in h.check_lr("5e-3:100, 1e-3", "constant", 0, 1000)
+    bad = h.check_lr("5e-3:abc", "constant", 0, 1000)
+    assert "⚠" in bad and "column" in bad
+    assert "warmup" in h.check_lr("5e-3", "constant", 2000, 1000)
+    prompts = h.template_preview("subject_filewords", host.extra["data"], "one")
+    assert "color 0, plain" in prompts and "one" in prompts
+    assert "⚠" in h.template_preview("subject_filewords", "/no/such/folder", "one")
+    assert "⚠" in h.template_preview("nope", host.extra["data"], "one")
+    *values, note = h.apply_recipe()
+    assert values[:2] == ["5e-3", 2000] and "SD1" in note
+    assert "subject_filewords" in h.templates() and "style" in h.templates()
+
+
+def test_train_view_runs_follows_and_stops_a_job(host, folder, tmp_path):
+    from lib_ti.ui.train_view import TrainHandlers
+
+    h = TrainHandlers(host)
+    job_id, status = h.start("task(ti-test)", *form_values(host, steps=4))
+    assert job_id, status
+    frames = list(h.watch(job_id))
+    final_status, plot, gallery = frames[-1]
+    assert "finished" in final_status and "step **4/4**" in final_status
+    assert "<polyline" in plot and "validation loss" in plot
+    assert gallery == []
+    assert read_embedding(folder / "one.safetensors").step == 4  # a new run counts from 0
+    assert h.current() == job_id
+    # a bad form is refused at once with the reason; the watch keeps that message
+    job2, status = h.start("", *form_values(host, dataset=str(tmp_path / "nothing")))
+    assert job2 == "" and "does not exist" in status
+    assert [f[0] for f in h.watch(job2)] == [gr.update()]
+    # stop: a long run stops after its current step and keeps what it learned
+    job3, _ = h.start("", *form_values(host, steps=500, validation_every=0, snapshot_every=0))
+    busy, status = h.start("", *form_values(host))
+    assert busy == "" and "busy" in status
+    deadline = time.time() + 60
+    while host.extra["service"].jobs.get(job3).status.step < 1 and time.time() < deadline:
+        time.sleep(0.05)
+    assert "Stopping" in h.stop(job3)
+    final = list(h.watch(job3))[-1][0]
+    assert "stopped" in final
+    assert 1 <= read_embedding(folder / "one.safetensors").step < 500
+    assert h.stop(job3) == "No training is running."
+
+
+def test_train_request_from_the_form(host):
+    from lib_ti.errors import TIError
+    from lib_ti.ui.train_view import TrainHandlers
+
+    h = TrainHandlers(host)
+    req = h.request("task(x)", *form_values(host, train_encoders="clip_l", resolution=0, seed=7.0))
+    assert req.train_encoders == ["clip_l"] and req.resolution is None and req.seed == 7
+    assert req.task_id == "task(x)"
+    with pytest.raises(TIError, match="form values"):
+        h.request("", "one")
+
+
+def test_inspect_view(host, folder):
     from lib_ti.ui.inspect_view import InspectHandlers
 
     h = InspectHandlers(host)
     assert h.choices() == ["one.safetensors", "sub/two.safetensors"]
-    md, rows, meta, status = h.describe("one.safetensors")
+    md, rows, _meta, status, nearest, plot = h.describe("one.safetensors")
     assert "SD1" in md and "loaded by the web UI" in md
     assert len(rows) == 2 and rows[0][0] == "clip_l"
     assert status == ""
-    md, rows, _, _ = h.describe("sub/two.safetensors")
+    assert len(nearest) == 2 and nearest[0][0] == "clip_l" and "(" in nearest[0][2]
+    assert plot.count("<rect") == 2
+    md, rows, *_ = h.describe("sub/two.safetensors")
     assert "skipped" in md and len(rows) == 4
-    _, _, _, err = h.describe("../../etc/passwd")
+    *_, err, _, _ = h.describe("../../etc/passwd")
     assert "outside the embeddings folder" in err
     rows, note = h.compare("one.safetensors", "sub/two.safetensors")
     assert "clip_l only" in note and rows[-1][0] == "overall"
-    file_upd, other_upd, msg = h.save_as(
-        "sub/two.safetensors", None, "two_l", "pt", "SD1 (CLIP-L half of an SDXL embedding)", False
-    )
+    _, _, msg = h.save_as("sub/two.safetensors", None, "two_l", "pt", "SD1 (CLIP-L half of an SDXL embedding)", False)
     assert "Saved" in msg, msg
     assert read_embedding(folder / "two_l.pt").kind == "sd1"
     assert host.extra["reloads"] == [1]
@@ -137,3 +343,54 @@ def test_upload_path_shapes():
     assert uploaded_path(Temp()) == "/tmp/x.pt"
     assert uploaded_path({"path": "/tmp/b.pt"}) == "/tmp/b.pt"
     assert uploaded_path(None) is None
+
+
+def test_plots():
+    from lib_ti.ui.plots import bar_plot, line_plot, smooth
+
+    assert "no data yet" in line_plot({"loss": []})
+    svg = line_plot({"loss": [(1, 0.5), (2, float("nan")), (3, 0.25)], "val": [(2, 0.4)]}, "loss")
+    assert svg.count("<polyline") == 1 and svg.count("<circle") == 1
+    assert "nan" not in svg.lower()
+    big = line_plot({"loss": [(i, 1 / (i + 1)) for i in range(5000)]})
+    assert big.count(" ") < 2000  # thinned to a few hundred points
+    assert smooth([1.0, 1.0, 1.0]) == pytest.approx([1.0, 1.0, 1.0])
+    assert bar_plot({"clip_l": [0.5, 1.0], "clip_g": [2.0]}).count("<rect") == 3
+    assert "<script" not in line_plot({"<script>": [(0, 1), (1, 2)]})
+
+
+def test_settings_and_recipes():
+    from lib_ti.recipes import RECIPES, recipe_for
+    from lib_ti.settings import SETTINGS
+
+    keys = [s.key for s in SETTINGS]
+    assert all(k.startswith("ti_") for k in keys) and len(keys) == len(set(keys))
+    assert {"ti_dataset_dir", "ti_templates_dir", "ti_pt_copy", "ti_preview_format", "ti_default_steps"} <= set(keys)
+    assert recipe_for("sdxl").lr == "3e-3" and recipe_for("sd1").lr == "5e-3"
+    assert recipe_for("sdxl_refiner") == RECIPES["sdxl"]
+    opts = {"ti_default_steps": 500, "ti_default_lr": " 1e-3 ", "ti_default_batch_size": "bad"}
+    r = recipe_for("sd1", lambda k, d: opts.get(k, d))
+    assert (r.steps, r.lr, r.batch_size) == (500, "1e-3", RECIPES["sd1"].batch_size)
+
+
+def test_user_templates_and_pt_copy(host, tmp_path):
+    from lib_ti.create import CreateArgs
+    from lib_ti.service import TrainRequest
+
+    service = host.extra["service"]
+    user = tmp_path / "mytemplates"
+    user.mkdir()
+    (user / "mine.txt").write_text("a drawing of [name]\n")
+    (user / "subject.txt").write_text("shadowed by the shipped one [name]\n")
+    opts = {"ti_templates_dir": str(user), "ti_pt_copy": True}
+    service.host.get_option = lambda k, d: opts.get(k, d)
+    assert service.templates()["mine"] == user / "mine.txt"
+    assert service.templates()["subject"].parent.name == "templates"
+    service.create(CreateArgs("copyme", 1, "zeros"))
+    job = service.start_training(
+        TrainRequest("copyme", host.extra["data"], template="mine", steps=1, resolution=64, validation_every=0),
+        background=False,
+    )
+    assert job.status.state == "finished", job.status.message
+    assert read_embedding(tmp_path / "logs" / "copyme" / "copyme.pt").step == 1
+    assert not (tmp_path / "embeddings" / "copyme.pt").exists()  # one file per name in the folder

@@ -66,7 +66,14 @@ def host_info(name: str = "a1111") -> HostInfo:
         reload_embeddings=reload_embeddings,
         get_option=get_option,
         gradio_major=int(gr.__version__.split(".")[0]),
+        service=_service,
     )
+
+
+def _service() -> Any:
+    from lib_ti.host.a1111_services import get_service
+
+    return get_service()
 
 
 def on_model_loaded(sd_model: Any) -> None:

@@ -59,26 +59,44 @@ def _release_vae():
     return restore
 
 
-def _begin(title: str, total: int) -> None:
-    from modules import shared
+_TOTAL = {"steps": 0}
+
+
+def _queued(task_id: str) -> None:
+    from modules import progress
+
+    progress.add_task_to_queue(task_id)
+
+
+def _begin(title: str, total: int, task_id: str) -> None:
+    """Training shows in the host's progress bar (``/internal/progress``) and ``/sdapi/v1/progress``."""
+    from modules import progress, shared
 
     shared.state.begin(job="ti-train")
+    _TOTAL["steps"] = total
     shared.state.job_count = 1
     shared.state.sampling_steps = total
     shared.state.textinfo = title
+    if task_id:
+        progress.start_task(task_id)
 
 
 def _update(step: int, text: str) -> None:
     from modules import shared
 
+    # a preview in between runs the host's sampler, which sets its own counts: put ours back
+    shared.state.job_count, shared.state.job_no = 1, 0
+    shared.state.sampling_steps = _TOTAL["steps"]
     shared.state.sampling_step = step
     shared.state.textinfo = text
 
 
-def _end() -> None:
-    from modules import shared
+def _end(task_id: str) -> None:
+    from modules import progress, shared
 
     shared.state.end()
+    if task_id:
+        progress.finish_task(task_id)
 
 
 def _interrupted() -> bool:
@@ -122,9 +140,14 @@ def _preview(emb: Embedding, prompt: str, step: int, out_dir: Path) -> str | Non
     if not res.images:
         return None
     out_dir.mkdir(parents=True, exist_ok=True)
-    image, info = to_png(emb, res.images[0])
-    path = out_dir / f"{emb.name}-{step}.png"
-    image.save(path, pnginfo=info)
+    fmt = str(getattr(shared.opts, "ti_preview_format", "png") or "png")
+    if fmt not in ("webp", "jpg"):
+        image, info = to_png(emb, res.images[0])  # the embedding inside the image, as A1111 stores it
+        path = out_dir / f"{emb.name}-{step}.png"
+        image.save(path, pnginfo=info)
+    else:
+        path = out_dir / f"{emb.name}-{step}.{fmt}"
+        res.images[0].convert("RGB").save(path, quality=90)
     return str(path)
 
 
@@ -148,6 +171,8 @@ def host_services() -> HostServices:
         save_format=save_format,
         embedding_status=a1111.embedding_status,
         release_image_encoder=_release_vae,
+        get_option=a1111.get_option,
+        progress_queued=_queued,
     )
 
 

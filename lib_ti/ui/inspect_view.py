@@ -12,7 +12,10 @@ from lib_ti import library
 from lib_ti.errors import TIError
 from lib_ti.formats import read_embedding
 from lib_ti.hostinfo import HostInfo
+from lib_ti.ui.common import nearest_rows
 from lib_ti.ui.compat import file_upload_kwargs, js_kwargs, uploaded_path
+from lib_ti.ui.merge_view import NEAREST_HEADERS
+from lib_ti.ui.plots import bar_plot
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +25,10 @@ CONVERT_TARGETS = {
     "SDXL: CLIP-L from this, CLIP-G from the comparison embedding": "sdxl_g_from_other",
     "SDXL: CLIP-L from this, CLIP-G zeros": "sdxl_g_zeros",
 }
+
+
+#: summary, stats rows, metadata, status line, nearest-token rows, norms plot
+Described = tuple[str, list[list[object]], dict[str, Any], str, list[list[object]], str]
 
 
 def _error(e: Exception) -> str:
@@ -47,27 +54,46 @@ class InspectHandlers:
         msg = f"{len(choices)} file(s) in `{self.folder()}`"
         return gr.update(choices=choices, value=keep), gr.update(choices=choices, value=keep_other), msg
 
-    def describe(self, relpath: str | None) -> tuple[str, list[list[object]], dict[str, Any], str]:
+    def _views(self, emb: Any, md: str) -> Described:
+        norms = {k: [float(x) for x in v.float().norm(dim=1)] for k, v in emb.vectors.items()}
+        return (
+            md,
+            library.stats_rows(emb),
+            dict(emb.metadata),
+            "",
+            self._nearest(emb),
+            bar_plot(norms, "norm of each vector"),
+        )
+
+    def _nearest(self, emb: Any) -> list[list[object]]:
+        """Nearest vocabulary tokens on the loaded model's encoders (empty without a model)."""
+        if self.host.service is None:
+            return []
+        try:
+            return nearest_rows(self.host.service().nearest(emb, 5))
+        except Exception as e:  # no model loaded, another model type: the rest of the view still works
+            logger.info("nearest tokens unavailable: %s", e)
+            return []
+
+    def describe(self, relpath: str | None) -> Described:
         if not relpath:
-            return "", [], {}, "Choose an embedding."
+            return "", [], {}, "Choose an embedding.", [], ""
         try:
             emb = read_embedding(library.resolve(self.folder(), relpath))
         except TIError as e:
-            return "", [], {}, _error(e)
+            return "", [], {}, _error(e), [], ""
         status = self.host.embedding_status()
-        md = library.summary_markdown(emb, relpath, status)
-        return md, library.stats_rows(emb), dict(emb.metadata), ""
+        return self._views(emb, library.summary_markdown(emb, relpath, status))
 
-    def describe_upload(self, upload: Any) -> tuple[str, list[list[object]], dict[str, Any], str]:
+    def describe_upload(self, upload: Any) -> Described:
         path = uploaded_path(upload)
         if not path:
-            return "", [], {}, ""
+            return "", [], {}, "", [], ""
         try:
             emb = read_embedding(path)
         except TIError as e:
-            return "", [], {}, _error(e)
-        md = library.summary_markdown(emb, "(uploaded)", {})
-        return md, library.stats_rows(emb), dict(emb.metadata), ""
+            return "", [], {}, _error(e), [], ""
+        return self._views(emb, library.summary_markdown(emb, "(uploaded)", {}))
 
     def compare(self, a: str | None, b: str | None) -> tuple[list[list[object]], str]:
         if not a or not b:
@@ -124,6 +150,8 @@ def build(host: HostInfo) -> InspectHandlers:
     status = gr.Markdown(f"{len(choices)} file(s) in `{h.folder()}`", elem_id="ti_inspect_status")
     summary = gr.Markdown(elem_id="ti_inspect_summary")
     table = gr.Dataframe(headers=library.STATS_HEADERS, interactive=False, elem_id="ti_inspect_table")
+    norms = gr.HTML(elem_id="ti_inspect_norms")
+    nearest = gr.Dataframe(headers=NEAREST_HEADERS, interactive=False, elem_id="ti_inspect_nearest")
     with gr.Accordion("Metadata", open=False):
         meta = gr.JSON(elem_id="ti_inspect_meta")
     with gr.Accordion("Compare with another embedding", open=False):
@@ -149,7 +177,7 @@ def build(host: HostInfo) -> InspectHandlers:
         save = gr.Button("Save", variant="primary", elem_id="ti_inspect_save")
         save_note = gr.Markdown(elem_id="ti_inspect_save_note")
 
-    outputs = [summary, table, meta, status]
+    outputs = [summary, table, meta, status, nearest, norms]
     file.change(h.describe, inputs=[file], outputs=outputs)
     upload.change(h.describe_upload, inputs=[upload], outputs=outputs)
     refresh.click(h.refresh, inputs=[file, other], outputs=[file, other, status])

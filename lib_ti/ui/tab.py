@@ -1,23 +1,26 @@
-"""The extension's top-level tab."""
+"""The extension's top-level tab: Create, Merge, Train and Inspect."""
 
 from __future__ import annotations
 
 import gradio as gr
 
 from lib_ti.hostinfo import HostInfo
-from lib_ti.ui import inspect_view
+from lib_ti.ui import create_view, inspect_view, merge_view, train_view
 
 TAB_TITLE = "Textual Inversion"
 TAB_ID = "ti_tab"
 
 
 def build_tab(host: HostInfo) -> gr.Blocks:
-    with (
-        gr.Blocks(analytics_enabled=False) as blocks,
-        gr.Tabs(elem_id="ti_tabs"),
-        gr.Tab("Inspect", elem_id="ti_tab_inspect"),
-    ):
-        inspect_view.build(host)
+    with gr.Blocks(analytics_enabled=False) as blocks, gr.Tabs(elem_id="ti_tabs"):
+        with gr.Tab("Create", elem_id="ti_tab_create"):
+            create_view.build(host)
+        with gr.Tab("Merge", elem_id="ti_tab_merge"):
+            merge_view.build(host)
+        with gr.Tab("Train", elem_id="ti_tab_train"):
+            train_view.build(host)
+        with gr.Tab("Inspect", elem_id="ti_tab_inspect"):
+            inspect_view.build(host)
     return blocks
 
 
