@@ -113,7 +113,10 @@ def sample_args(host) -> dict[str, object]:
 
 
 #: names a second handler would collide on (the same name saved twice)
-PER_FUNCTION = {"MergeHandlers.save": {"name": "wired_merge"}, "InspectHandlers.save_as": {"name": "wired_copy"}}
+PER_FUNCTION = {
+    "MergeHandlers.save": {"name": "wired_merge"},
+    "InspectHandlers.save_as": {"name": "wired_copy"},
+}
 
 
 def form_values(host, **over):
@@ -322,7 +325,9 @@ def test_inspect_view(host, folder):
     assert "outside the embeddings folder" in err
     rows, note = h.compare("one.safetensors", "sub/two.safetensors")
     assert "clip_l only" in note and rows[-1][0] == "overall"
-    _, _, msg = h.save_as("sub/two.safetensors", None, "two_l", "pt", "SD1 (CLIP-L half of an SDXL embedding)", False)
+    _, _, msg = h.save_as(
+        "sub/two.safetensors", None, "two_l", "pt", "SD1 (CLIP-L half of an SDXL embedding)", False
+    )
     assert "Saved" in msg, msg
     assert read_embedding(folder / "two_l.pt").kind == "sd1"
     assert host.extra["reloads"] == [1]
@@ -365,7 +370,13 @@ def test_settings_and_recipes():
 
     keys = [s.key for s in SETTINGS]
     assert all(k.startswith("ti_") for k in keys) and len(keys) == len(set(keys))
-    assert {"ti_dataset_dir", "ti_templates_dir", "ti_pt_copy", "ti_preview_format", "ti_default_steps"} <= set(keys)
+    assert {
+        "ti_dataset_dir",
+        "ti_templates_dir",
+        "ti_pt_copy",
+        "ti_preview_format",
+        "ti_default_steps",
+    } <= set(keys)
     assert recipe_for("sdxl").lr == "3e-3" and recipe_for("sd1").lr == "5e-3"
     assert recipe_for("sdxl_refiner") == RECIPES["sdxl"]
     opts = {"ti_default_steps": 500, "ti_default_lr": " 1e-3 ", "ti_default_batch_size": "bad"}
@@ -388,7 +399,9 @@ def test_user_templates_and_pt_copy(host, tmp_path):
     assert service.templates()["subject"].parent.name == "templates"
     service.create(CreateArgs("copyme", 1, "zeros"))
     job = service.start_training(
-        TrainRequest("copyme", host.extra["data"], template="mine", steps=1, resolution=64, validation_every=0),
+        TrainRequest(
+            "copyme", host.extra["data"], template="mine", steps=1, resolution=64, validation_every=0
+        ),
         background=False,
     )
     assert job.status.state == "finished", job.status.message

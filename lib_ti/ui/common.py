@@ -59,8 +59,10 @@ def card_markdown(
     """What the Create and Merge views show after a save."""
     lines = [
         f"### {emb.name}",
-        (f"- **{KIND_LABELS[emb.kind]}**, {emb.num_vectors} vector(s): uses {emb.num_vectors} of the {CHUNK} "
-        "tokens of a prompt chunk"),
+        (
+            f"- **{KIND_LABELS[emb.kind]}**, {emb.num_vectors} vector(s): uses {emb.num_vectors} of the {CHUNK} "
+            "tokens of a prompt chunk"
+        ),
         f"- file: `{file_name}`",
         f"- in a prompt: `{emb.name}`",
     ]

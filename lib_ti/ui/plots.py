@@ -58,8 +58,10 @@ def line_plot(
 
     parts = [
         f"<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 {WIDTH} {HEIGHT}' width='100%' role='img'>",
-        (f"<rect x='{PAD}' y='{PAD // 2}' width='{WIDTH - 2 * PAD}' height='{HEIGHT - 1.5 * PAD}' "
-        "fill='none' stroke='currentColor' stroke-opacity='0.3'/>"),
+        (
+            f"<rect x='{PAD}' y='{PAD // 2}' width='{WIDTH - 2 * PAD}' height='{HEIGHT - 1.5 * PAD}' "
+            "fill='none' stroke='currentColor' stroke-opacity='0.3'/>"
+        ),
     ]
     for frac in (0.0, 0.5, 1.0):
         y = y0 + frac * (y1 - y0)
