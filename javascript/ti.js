@@ -9,6 +9,10 @@ function tiRefreshCards() {
             button.dispatchEvent(new Event("click"));
         }
     }
+    // Tag autocomplete (a1111-sd-webui-tagcomplete), when installed, re-reads the embeddings too.
+    if (typeof TAC_CFG !== "undefined") {
+        fetch("./tacapi/v1/refresh-embeddings", {method: "POST"}).catch(() => {});
+    }
     return [];
 }
 

@@ -102,21 +102,44 @@ def host_paths(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def running_host(webui: Path, python: Path, embeddings: Path, log: Path, port: int, extra: list[str]):
-    """Start the web UI like ``launch.sh`` does, wait for its checkpoint, stop it afterwards."""
-    link = webui / "extensions" / LINK_NAME
-    if link.is_symlink() or not link.exists():
-        if link.is_symlink():
-            link.unlink()
-        link.symlink_to(ROOT, target_is_directory=True)
+def running_host(
+    webui: Path,
+    python: Path,
+    embeddings: Path,
+    log: Path,
+    port: int,
+    extra: list[str],
+    *,
+    link: bool = True,
+    restart_loop: bool = False,
+    ready: str = "/ti/v1/embeddings",
+):
+    """Start the web UI like ``launch.sh`` does, wait for its checkpoint, stop it afterwards.
+
+    ``link``: link this checkout into ``extensions/`` first. ``restart_loop``: run it in webui.sh's
+    loop, so that "Apply and restart UI" (which writes ``tmp/restart`` and exits) starts it again.
+    ``ready``: the path that answers once the host is up (ours by default: added last).
+    """
+    if link:
+        link_path = webui / "extensions" / LINK_NAME
+        if link_path.is_symlink() or not link_path.exists():
+            if link_path.is_symlink():
+                link_path.unlink()
+            link_path.symlink_to(ROOT, target_is_directory=True)
     ckpt = (
         webui / "models" / "Stable-diffusion" / f"{os.environ.get('SD_WEBUI_CKPT', 'tiny-sd1')}.safetensors"
     )
     args = [str(python), "launch.py", "--skip-torch-cuda-test", "--no-half", "--precision", "full", "--use-cpu", "all",
             "--api", "--port", str(port), "--no-download-sd-model", "--ckpt", str(ckpt),
             "--embeddings-dir", str(embeddings), *extra]  # fmt: skip
+    env = _env(webui)
+    if restart_loop:
+        env["SD_WEBUI_RESTART"] = "tmp/restart"
+        (webui / "tmp" / "restart").unlink(missing_ok=True)
+        loop = 'while :; do "$0" "$@"; [[ -f tmp/restart ]] || break; rm -f tmp/restart; done'
+        args = ["bash", "-c", loop, *args]
     with open(log, "wb") as logf:
-        proc = subprocess.Popen(args, cwd=webui, env=_env(webui), stdout=logf, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(args, cwd=webui, env=env, stdout=logf, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     host = Host(f"http://127.0.0.1:{port}", webui, embeddings, log)
     try:
@@ -128,7 +151,7 @@ def running_host(webui: Path, python: Path, embeddings: Path, log: Path, port: i
                 )
             try:
                 # our routes are added by on_app_started, after the host's own API
-                urllib.request.urlopen(host.base + "/ti/v1/embeddings", timeout=5).close()
+                urllib.request.urlopen(host.base + ready, timeout=5).close()
                 break
             except urllib.error.HTTPError as e:
                 if e.code != 404:  # 401 with --api-auth: up

@@ -28,6 +28,7 @@ def test_tab_and_settings_exist(a1111):
     assert "Textual Inversion" in tabs
     ids = {c.get("props", {}).get("elem_id") for c in cfg["components"]}
     assert {"ti_inspect_file", "ti_inspect_table", "ti_inspect_save"} <= ids
+    assert {"ti_tab_create", "ti_tab_merge", "ti_tab_train", "ti_create_button", "ti_train_start"} <= ids
     opts = a1111.get("/sdapi/v1/options")
     assert opts["ti_save_format"] == "safetensors"
 
@@ -53,13 +54,14 @@ def test_host_loads_every_file_we_wrote(a1111):
 
 
 def test_describe_shows_host_status(a1111):
-    md, rows, meta, status = a1111.call(
+    md, rows, meta, status, nearest, _plot = a1111.call(
         ["ti_inspect_file"], ["ti-sd1-pt.pt"], outputs_first="ti_inspect_summary"
     )
-    print("describe ->", md, rows, meta, status)
+    print("describe ->", md, rows, meta, status, nearest)
     assert "SD1" in md
     assert "loaded by the web UI" in md
     assert len(rows["data"] if isinstance(rows, dict) else rows) == 2
+    assert len(nearest["data"] if isinstance(nearest, dict) else nearest) == 2  # on the loaded CLIP-L
     md, *_ = a1111.call(["ti_inspect_file"], ["ti-sdxl.safetensors"], outputs_first="ti_inspect_summary")
     assert "skipped by the web UI" in md
 
