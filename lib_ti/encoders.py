@@ -68,6 +68,9 @@ class TextEncoder:
     settings: EncoderSettings
     tokenizer: TokenizerInfo
 
+    #: run the encoder in this dtype whatever the table's storage dtype (Forge: fp16 tables, fp32 compute)
+    compute_dtype: torch.dtype | None = None
+
     def __init__(self, key: str, tokenizer: TokenizerInfo, settings: EncoderSettings) -> None:
         self.key = key
         self.tokenizer = tokenizer
@@ -126,6 +129,8 @@ class TextEncoder:
         ids = torch.tensor([self.chunk_ids(c) for c in batch], dtype=torch.long, device=self.device)
         with torch.no_grad():
             base = self.table(ids)
+            if self.compute_dtype is not None:
+                base = base.to(self.compute_dtype)
         rows = []
         for chunk, item in zip(batch, base):
             if not chunk.fixes:
@@ -168,7 +173,7 @@ class HFClipEncoder(TextEncoder):
         tm = self.text_model
         b, t = ids.shape
         positions = tm.embeddings.position_embedding(torch.arange(t, device=embeds.device).unsqueeze(0))
-        h = embeds + positions
+        h = embeds + positions.to(embeds.dtype)
         mask = torch.full((t, t), torch.finfo(h.dtype).min, device=h.device, dtype=h.dtype).triu_(1)
         mask = mask[None, None].expand(b, 1, t, t)
         layers = tm.encoder.layers

@@ -5,16 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from modules import sd_hijack, sd_models, shared
+from modules import sd_hijack, sd_models
 
+from lib_ti.host.webui import embeddings_dir, get_option, register_settings
 from lib_ti.hostinfo import HostInfo
-from lib_ti.settings import SECTION, SETTINGS
 
 logger = logging.getLogger(__name__)
-
-
-def embeddings_dir() -> str:
-    return str(shared.cmd_opts.embeddings_dir)
 
 
 def _db() -> Any:
@@ -38,22 +34,6 @@ def reload_embeddings() -> None:
         logger.info("no model loaded yet; embeddings will be read when it loads")
         return
     _db().load_textual_inversion_embeddings(force_reload=True)
-
-
-def get_option(key: str, default: Any) -> Any:
-    return getattr(shared.opts, key, default)
-
-
-def register_settings() -> None:
-    import gradio as gr
-
-    components = {"text": gr.Textbox, "number": gr.Number, "checkbox": gr.Checkbox, "radio": gr.Radio}
-    for s in SETTINGS:
-        args = {"choices": list(s.choices)} if s.component == "radio" else None
-        info = shared.OptionInfo(s.default, s.label, components[s.component], args, section=SECTION)
-        if s.info:
-            info = info.info(s.info)
-        shared.opts.add_option(s.key, info)
 
 
 def host_info(name: str = "a1111") -> HostInfo:
@@ -91,3 +71,7 @@ def on_model_loaded(sd_model: Any) -> None:
     if db.expected_shape != expected:
         logger.info("embedding width changed (%s -> %s); reloading embeddings", db.expected_shape, expected)
         db.load_textual_inversion_embeddings(force_reload=True)
+
+
+__all__ = ["embedding_status", "embeddings_dir", "get_option", "host_info", "on_model_loaded", "register_settings",
+           "reload_embeddings"]  # fmt: skip

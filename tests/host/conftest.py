@@ -25,6 +25,9 @@ import pytest
 from ..conftest import ROOT
 
 LINK_NAME = "sd-webui-ti"
+#: the flags ../shared/hosttest/launch.sh (A1111) and forge/launch.sh start the hosts with on the CPU
+A1111_FLAGS = ("--skip-torch-cuda-test", "--no-half", "--precision", "full", "--use-cpu", "all")
+FORGE_FLAGS = ("--always-cpu", "--skip-torch-cuda-test", "--disable-gpu-warning")
 
 
 @dataclass
@@ -113,12 +116,15 @@ def running_host(
     link: bool = True,
     restart_loop: bool = False,
     ready: str = "/ti/v1/embeddings",
+    flags: tuple[str, ...] = A1111_FLAGS,
+    ckpt: str | None = None,
 ):
     """Start the web UI like ``launch.sh`` does, wait for its checkpoint, stop it afterwards.
 
     ``link``: link this checkout into ``extensions/`` first. ``restart_loop``: run it in webui.sh's
     loop, so that "Apply and restart UI" (which writes ``tmp/restart`` and exits) starts it again.
     ``ready``: the path that answers once the host is up (ours by default: added last).
+    ``flags``: the host's CPU flags; ``ckpt``: the start-up checkpoint's stem.
     """
     if link:
         link_path = webui / "extensions" / LINK_NAME
@@ -126,12 +132,14 @@ def running_host(
             if link_path.is_symlink():
                 link_path.unlink()
             link_path.symlink_to(ROOT, target_is_directory=True)
-    ckpt = (
-        webui / "models" / "Stable-diffusion" / f"{os.environ.get('SD_WEBUI_CKPT', 'tiny-sd1')}.safetensors"
+    ckpt_path = (
+        webui
+        / "models"
+        / "Stable-diffusion"
+        / f"{ckpt or os.environ.get('SD_WEBUI_CKPT', 'tiny-sd1')}.safetensors"
     )
-    args = [str(python), "launch.py", "--skip-torch-cuda-test", "--no-half", "--precision", "full", "--use-cpu", "all",
-            "--api", "--port", str(port), "--no-download-sd-model", "--ckpt", str(ckpt),
-            "--embeddings-dir", str(embeddings), *extra]  # fmt: skip
+    args = [str(python), "launch.py", *flags, "--api", "--port", str(port), "--no-download-sd-model",
+            "--ckpt", str(ckpt_path), "--embeddings-dir", str(embeddings), *extra]  # fmt: skip
     env = _env(webui)
     if restart_loop:
         env["SD_WEBUI_RESTART"] = "tmp/restart"
@@ -182,4 +190,25 @@ def a1111(host_paths, tmp_path_factory):
     with running_host(webui, python, embeddings, log, port, []) as (host, _proc):
         host.get("/sdapi/v1/sd-models", timeout=60)
         host.post("/sdapi/v1/reload-checkpoint", {})  # waits for the start-up checkpoint load
+        yield host
+
+
+@pytest.fixture(scope="session")
+def forge(tmp_path_factory):
+    """A real Forge (SD_FORGE_DIR) on the CPU with this extension linked in, on port SD_FORGE_PORT (7871)."""
+    webui = os.environ.get("SD_FORGE_DIR")
+    if not webui:
+        pytest.skip("Forge host tests: set SD_FORGE_DIR to a Forge checkout (see ../shared/hosttest/forge/)")
+    webui_p = Path(webui).expanduser().resolve()
+    python = Path(os.environ.get("SD_FORGE_PYTHON", webui_p.parent / "venv" / "bin" / "python")).expanduser()
+    if not python.exists():
+        pytest.skip(f"Forge host tests: interpreter {python} not found (set SD_FORGE_PYTHON)")
+    embeddings = tmp_path_factory.mktemp("forge-embeddings")
+    port = int(os.environ.get("SD_FORGE_PORT", "7871"))
+    log = tmp_path_factory.mktemp("forge") / "webui.log"
+    ckpt = os.environ.get("SD_FORGE_CKPT", "rand-sd15")
+    with running_host(webui_p, python, embeddings, log, port, [], flags=FORGE_FLAGS, ckpt=ckpt) as (
+        host,
+        _proc,
+    ):
         yield host

@@ -1,0 +1,106 @@
+"""Forge (Forge2 backend): the embedding databases, hot reload and the host view for the UI.
+
+Forge keeps three databases (see the research notes): one per text-processing engine (what prompts
+use; rebuilt only when a checkpoint loads), the Extra Networks cards' one, and the API's one
+(``/sdapi/v1/embeddings``). A write reloads all three, so the name works in the next prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from lib_ti.host.forge_model import engines
+from lib_ti.host.webui import embeddings_dir, get_option
+from lib_ti.hostinfo import HostInfo
+
+logger = logging.getLogger(__name__)
+
+#: the web UI's Api object (its embedding database), found in on_app_started
+_API: dict[str, Any] = {}
+
+
+def loaded_model() -> Any:
+    """The loaded model, or None before Forge's first (lazy) load."""
+    from modules import sd_models
+
+    m = sd_models.model_data.sd_model
+    return m if m is not None and engines(m) else None
+
+
+def ensure_model() -> Any:
+    """The model, loading the selected checkpoint if Forge has not yet (it loads lazily)."""
+    from modules import sd_models
+
+    m = loaded_model()
+    if m is None or sd_models.model_data.forge_hash != str(sd_models.model_data.forge_loading_parameters):
+        m, _ = sd_models.forge_model_reload()
+    return m
+
+
+def embedding_status() -> dict[str, str]:
+    """What the engines of the loaded model use: ``loaded`` in any engine, else ``skipped``."""
+    m = loaded_model()
+    status: dict[str, str] = {}
+    for eng in engines(m) if m is not None else []:
+        for name in getattr(eng.embeddings, "skipped_embeddings", {}):
+            status.setdefault(name, "skipped")
+        for name in getattr(eng.embeddings, "word_embeddings", {}):
+            status[name] = "loaded"
+    return status
+
+
+def remember_api(app: Any) -> None:
+    """Find the host's Api object (it owns ``/sdapi/v1/embeddings``'s database) through its routes."""
+    for route in getattr(app, "routes", []):
+        owner = getattr(getattr(route, "endpoint", None), "__self__", None)
+        if getattr(route, "path", "") == "/sdapi/v1/embeddings" and owner is not None:
+            _API["api"] = owner
+            return
+
+
+def reload_embeddings() -> None:
+    """Re-read the folder into every engine, the cards' database and the API's."""
+    m = loaded_model()
+    for eng in engines(m) if m is not None else []:
+        eng.embeddings.load_textual_inversion_embeddings()
+    try:
+        from modules import ui_extra_networks_textual_inversion as cards
+
+        cards.embedding_db.load_textual_inversion_embeddings(force_reload=True, sync_with_sd_model=False)
+    except (ImportError, AttributeError) as e:
+        logger.warning("could not reload the cards' embeddings: %s", e)
+    api = _API.get("api")
+    if api is not None and hasattr(api, "embedding_db"):
+        api.embedding_db.load_textual_inversion_embeddings(force_reload=True, sync_with_sd_model=False)
+
+
+def register_live(emb_data: dict[str, Any], name: str) -> None:
+    """Register an embedding held in memory (a preview during training) in the loaded model's engines."""
+    from backend.text_processing.textual_inversion import create_embedding_from_data
+
+    m = loaded_model()
+    for eng in engines(m) if m is not None else []:
+        live = create_embedding_from_data(emb_data, name, filename=f"{name}.preview")
+        if eng.embeddings.expected_shape in (-1, live.shape):
+            eng.embeddings.register_embedding(live)
+
+
+def host_info(name: str = "forge") -> HostInfo:
+    import gradio as gr
+
+    return HostInfo(
+        name=name,
+        embeddings_dir=embeddings_dir,
+        embedding_status=embedding_status,
+        reload_embeddings=reload_embeddings,
+        get_option=get_option,
+        gradio_major=int(gr.__version__.split(".")[0]),
+        service=_service,
+    )
+
+
+def _service() -> Any:
+    from lib_ti.host.forge_services import get_service
+
+    return get_service()

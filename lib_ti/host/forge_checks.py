@@ -1,0 +1,145 @@
+"""Self-checks against Forge's own code paths, for the real-host tests (only with LIB_TI_HOST_CHECKS=1)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+
+def _vectors(m: Any, name: str | None, keys: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    from lib_ti.host.forge_model import engines
+
+    if not name:
+        return {}
+    for eng in engines(m):
+        emb = eng.embeddings.word_embeddings.get(name)
+        if emb is not None:
+            vec = emb.vec if isinstance(emb.vec, dict) else {keys[0]: emb.vec}
+            return {name: {k: v.detach().float().clone() for k, v in vec.items() if k in keys}}
+    msg = f"{name!r} is not loaded by the engines"
+    raise KeyError(msg)
+
+
+def conditioning_parity(prompt: str, name: str | None) -> dict[str, Any]:
+    """Our conditioning against Forge's ``get_learned_conditioning`` for the same prompt."""
+    from modules import shared  # noqa: F401  (host check)
+    from modules.prompt_parser import SdConditioning
+
+    from lib_ti.host import forge
+    from lib_ti.host.forge_model import build_parts
+
+    m = forge.ensure_model()
+    parts = build_parts(m)
+    prompts = SdConditioning([prompt], width=1024, height=1024)
+    host = m.get_learned_conditioning(prompts)
+    with torch.no_grad():
+        ours = parts.prompt_encoder.encode([prompt], _vectors(m, name, parts.prompt_encoder.keys))
+    if isinstance(host, dict):
+        h_cross, h_pooled = host["crossattn"], host["vector"][:, :1280]
+    else:
+        h_cross, h_pooled = host, None
+    h_cross = h_cross.clone().float()
+    out: dict[str, Any] = {
+        "kind": parts.kind,
+        "shape_host": list(h_cross.shape),
+        "shape_ours": list(ours.crossattn.shape),
+    }
+    if h_cross.shape == ours.crossattn.shape:
+        out["max_abs_diff"] = float((h_cross - ours.crossattn.float().to(h_cross.device)).abs().max())
+        out["scale"] = float(h_cross.abs().max())
+    if h_pooled is not None and ours.pooled is not None:
+        out["pooled_max_abs_diff"] = float(
+            (h_pooled.clone().float() - ours.pooled.float().to(h_pooled.device)).abs().max()
+        )
+    return out
+
+
+def unet_parity(size: int = 8) -> dict[str, Any]:
+    """Our gradient-safe UNet call against Forge's own forward, same weights and inputs."""
+    from lib_ti.host import forge
+    from lib_ti.host.forge_model import (
+        build_parts,
+        load_for_training,
+        normal_weights,
+        training_modules,
+        unet_patcher,
+    )
+
+    m = forge.ensure_model()
+    load_for_training(m)
+    parts = build_parts(m)
+    net = unet_patcher(m).model.diffusion_model
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, size, size, generator=gen)
+    t = torch.tensor([500])
+    ctx_width = 2048 if parts.kind == "sdxl" else (1024 if parts.kind == "sd2" else 768)
+    cond = {"crossattn": torch.randn(1, 77, ctx_width, generator=gen)}
+    y = None
+    if parts.kind == "sdxl":
+        cond["pooled"] = torch.randn(1, 1280, generator=gen)
+        cond["time_ids"] = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]])
+        flat = torch.cat([m.embedder(torch.Tensor([v])) for v in [1024, 1024, 0, 0, 1024, 1024]]).flatten()
+        y = torch.cat([cond["pooled"], flat[None]], dim=1)
+    with torch.inference_mode():  # Forge's own forward, as its sampler runs it
+        theirs = net(
+            x, t.float(), context=cond["crossattn"], y=y, control=None, transformer_options={}
+        ).clone()
+    theirs = theirs.clone()
+    count, restore = normal_weights(training_modules(m))
+    try:
+        ours = parts.denoise(x, t, cond)
+        c = cond["crossattn"].clone().requires_grad_()
+        out = parts.denoise(x, t, dict(cond, crossattn=c))
+        out.square().mean().backward()
+        grad = float(c.grad.abs().sum())
+    finally:
+        restore()
+    return {"kind": parts.kind, "max_abs_diff": float((ours.detach() - theirs).abs().max()),
+            "scale": float(theirs.abs().max()), "replaced": count, "context_grad_abs_sum": grad}  # fmt: skip
+
+
+def gradient_check(prompt: str, name: str) -> dict[str, Any]:
+    """One backward pass from Forge's UNet to the vectors; reports where gradients went."""
+    from lib_ti.formats import read_embedding
+    from lib_ti.host import forge
+    from lib_ti.host.forge_model import build_parts, load_for_training, normal_weights, training_modules
+    from lib_ti.host.forge_services import get_service
+
+    m = forge.ensure_model()
+    load_for_training(m)
+    parts = build_parts(m)
+    count, restore = normal_weights(training_modules(m))
+    try:
+        emb = read_embedding(get_service().find_embedding_file(name))
+        vecs = {k: v.clone().requires_grad_() for k, v in emb.vectors.items()}
+        t0 = time.perf_counter()
+        c = parts.prompt_encoder.encode([prompt], {name: vecs})
+        cond = {"crossattn": c.crossattn}
+        if parts.kind == "sdxl":
+            cond["pooled"] = c.pooled
+            cond["time_ids"] = torch.tensor([[512.0, 512, 0, 0, 512, 512]])
+        out = parts.denoise(torch.randn(1, 4, 8, 8), torch.tensor([500]), cond)
+        out.square().mean().backward()
+        grads = {k: float(v.grad.abs().sum()) if v.grad is not None else None for k, v in vecs.items()}
+        with_grad = sum(1 for mod in training_modules(m) for p in mod.parameters() if p.grad is not None)
+    finally:
+        restore()
+    return {"vector_grad_abs_sum": grads, "weights_with_grad": with_grad, "replaced": count,
+            "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
+def add_check_routes(app: Any) -> None:
+    def parity(body: dict) -> Any:
+        return conditioning_parity(str(body["prompt"]), body.get("embedding"))
+
+    def grad(body: dict) -> Any:
+        return gradient_check(str(body["prompt"]), str(body["embedding"]))
+
+    def unet(body: dict) -> Any:
+        return unet_parity(int(body.get("size", 8)))
+
+    app.add_api_route("/ti/v1/_checks/parity", parity, methods=["POST"])
+    app.add_api_route("/ti/v1/_checks/gradient", grad, methods=["POST"])
+    app.add_api_route("/ti/v1/_checks/unet", unet, methods=["POST"])
