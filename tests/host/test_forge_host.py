@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 
 import pytest
@@ -32,6 +33,10 @@ def dataset(tmp_path_factory):
     for i, c in enumerate([(200, 60, 60), (60, 200, 60), (60, 60, 200), (200, 200, 60)]):
         Image.new("RGB", (64, 64), c).save(d / f"{i}-sample.png")
     return d
+
+
+def infotext(res) -> str:
+    return json.loads(res["info"])["infotexts"][0]
 
 
 def txt2img(host, prompt, seed=7, size=64):
@@ -87,7 +92,7 @@ def test_sd1_create_use_parity_and_gradients(forge):
     listed = forge.get("/ti/v1/embeddings")
     assert name in listed["loaded"]  # Forge's engines have it, no restart
     assert name in forge.get("/sdapi/v1/embeddings")["loaded"]  # and the API's database
-    info = txt2img(forge, unique(f"a photo of {name}"))["info"]
+    info = infotext(txt2img(forge, unique(f"a photo of {name}")))
     assert f"TI: {name}" in info, info[-300:]
     for prompt in PROMPTS:
         r = forge.post("/ti/v1/_checks/parity", {"prompt": prompt.replace("ti-sd1", name), "embedding": name})
@@ -118,7 +123,7 @@ def test_sd1_training_leaves_generation_unchanged(forge, dataset):
     assert emb.step == 10
     after = pixels(txt2img(forge, prompt, seed=11))
     assert before == after  # same seed, same image: the model was left as it was
-    info = txt2img(forge, unique(f"a photo of {name}"))["info"]
+    info = infotext(txt2img(forge, unique(f"a photo of {name}")))
     assert f"TI: {name}" in info
 
 
@@ -146,7 +151,7 @@ def test_sdxl_create_use_parity_and_train(forge, dataset):
     assert made["kind"] == "sdxl"
     listed = forge.get("/ti/v1/embeddings")
     assert name in listed["loaded"] and "fg-sd1" in listed["skipped"]
-    info = txt2img(forge, unique(f"a photo of {name}"))["info"]
+    info = infotext(txt2img(forge, unique(f"a photo of {name}")))
     assert f'TI: "{name}, {name}"' in info or f"TI: {name}, {name}" in info, info[-300:]
     for prompt in PROMPTS[:2]:
         r = forge.post("/ti/v1/_checks/parity", {"prompt": prompt.replace("ti-sd1", name), "embedding": name})
@@ -170,4 +175,23 @@ def test_sdxl_create_use_parity_and_train(forge, dataset):
     for key in ("clip_l", "clip_g"):
         assert not emb.vectors[key].equal(start.vectors[key])
     assert pixels(txt2img(forge, prompt, seed=5)) == before
+
+
+def test_checkpoint_switch_stops_training_cleanly(forge, dataset):
+    """Forge records a checkpoint choice at once and loads it on the next use: the run notices, saves, stops."""
+    name = "fg-sdxl"
+    job = forge.post("/ti/v1/train", {"embedding": name, "dataset_dir": str(dataset), "steps": 500, "width": 64,
+                                      "height": 64, "validation_every": 0, "resume": False})  # fmt: skip
+    deadline = time.time() + 900
+    while forge.get(f"/ti/v1/jobs/{job['job']}")["step"] < 1:
+        assert time.time() < deadline
+        time.sleep(1)
     switch(forge, "rand-sd15")
+    st = wait_job(forge, job["job"])
+    print("after the switch:", {k: st[k] for k in ("state", "detail", "step", "message")})
+    assert st["state"] == "stopped" and st["detail"] == "model_changed", st
+    assert "saved" in st["message"]
+    emb = read_embedding(st["file"])
+    assert emb.kind == "sdxl" and 1 <= emb.step < 500
+    made = forge.post("/ti/v1/create", {"name": "fg-after-switch", "init_text": "a cat"}, timeout=1800)
+    assert made["kind"] == "sd1"  # the switch went through
