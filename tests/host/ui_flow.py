@@ -1,0 +1,157 @@
+"""The tab in a real browser (headless Debian chromium driven by Playwright), for any host.
+
+Creates an embedding through the Create view and sees its card appear in txt2img's Textual Inversion
+cards without a page reload; trains through the Train view and sees the host's progress bar, the
+loss plot and a preview update. Screenshots go to docs/img/ (shown in the README).
+Needs ``pip install -r requirements-host.txt`` and ``apt-get install chromium``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lib_ti.formats import read_embedding
+
+from ..conftest import ROOT
+
+CHROMIUM = os.environ.get("TI_CHROMIUM", "/usr/bin/chromium")
+SHOTS = Path(os.environ.get("TI_SCREENSHOTS", ROOT / "docs" / "img"))
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian chromium (no browser download), or a skip saying what is missing."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -r requirements-host.txt")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium, or set TI_CHROMIUM)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield b
+        b.close()
+
+
+def _tab(page, container: str, label: str):
+    return page.locator(f"{container} > .tab-nav > button").filter(has_text=label).first
+
+
+def _fill(page, elem_id: str, value: str, number: bool = False) -> None:
+    box = page.locator(
+        f"#{elem_id} input[type=number]" if number else f"#{elem_id} textarea, #{elem_id} input"
+    )
+    box.first.fill(value)
+    box.first.press("Enter" if number else "Tab")
+
+
+def _shot(page, name: str, locator: str | None = None) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    target = page.locator(locator).first if locator else page
+    target.screenshot(path=str(SHOTS / name))
+
+
+def create_and_train(host, browser, tmp_path, sd1_checkpoint: str, shot_prefix: str = "") -> None:
+    """The whole flow on ``host`` (a host fixture), on its SD1 checkpoint ``sd1_checkpoint``."""
+    opts = host.get("/sdapi/v1/options")
+    if not str(opts.get("sd_model_checkpoint", "")).startswith(sd1_checkpoint):
+        host.post("/sdapi/v1/options", {"sd_model_checkpoint": sd1_checkpoint})
+        host.post("/sdapi/v1/reload-checkpoint", {})
+    host.post("/sdapi/v1/options", {"ti_preview_size": 64})
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, c in enumerate([(220, 60, 60), (60, 220, 60), (60, 60, 220), (220, 220, 60)]):
+        Image.new("RGB", (64, 64), c).save(data / f"{i}-red thing.png")
+    name = f"ui-made-{time.time_ns() % 10**6}"
+    card = f"#txt2img_textual_inversion_cards_html .card[data-name='{name}']"
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(host.base, wait_until="load", timeout=180_000)
+    page.wait_for_selector("#tabs", timeout=180_000)
+    # the txt2img cards are on the page before the embedding exists
+    _tab(page, "#txt2img_extra_tabs", "Textual Inversion").click()
+    page.wait_for_selector("#txt2img_textual_inversion_cards_html", timeout=60_000)  # may hold no card yet
+    assert page.locator(card).count() == 0
+
+    # Create
+    _tab(page, "#tabs", "Textual Inversion").click()
+    _tab(page, "#ti_tabs", "Create").click()
+    _fill(page, "ti_create_name", name)
+    _fill(page, "ti_create_init", "a red sports car")
+    page.wait_for_function(
+        "document.querySelector('#ti_create_tokens').innerText.includes('clip_l: 4 token')", timeout=30_000
+    )
+    page.locator("#ti_create_button").click()
+    page.wait_for_function(
+        "document.querySelector('#ti_create_result').innerText.includes('Created')", timeout=60_000
+    )
+    assert name in page.locator("#ti_create_card").first.inner_text()
+    _shot(page, shot_prefix + "create.png", "#tab_ti_tab")
+    assert read_embedding(host.embeddings / f"{name}.safetensors").num_vectors == 2
+
+    # its card is in txt2img without a reload (the tab clicked the host's internal refresh)
+    _tab(page, "#tabs", "txt2img").click()
+    page.wait_for_selector(card, timeout=60_000)
+    _shot(page, shot_prefix + "cards.png", "#txt2img_extra_tabs")
+
+    # Train
+    _tab(page, "#tabs", "Textual Inversion").click()
+    _tab(page, "#ti_tabs", "Train").click()
+    page.locator("#ti_train_refresh").click()
+    page.wait_for_function(
+        "document.querySelector('#ti_train_model_note').innerText.includes('SD1')", timeout=30_000
+    )
+    dropdown = page.locator("#ti_train_embedding input").first
+    dropdown.click()
+    dropdown.fill(name)
+    dropdown.press("Enter")
+    _fill(page, "ti_train_dataset", str(data))
+    for elem_id, value in [("ti_train_steps", "16"), ("ti_train_resolution", "64"), ("ti_train_batch", "1"),
+                           ("ti_train_accum", "1"), ("ti_train_validation", "2"), ("ti_train_snapshot", "0"),
+                           ("ti_train_preview_every", "8")]:  # fmt: skip
+        _fill(page, elem_id, value, number=True)
+    # the recipe's 100 warmup steps do not fit into 16 steps: the note says so as you type
+    page.wait_for_function(
+        "document.querySelector('#ti_train_lr_note').innerText.includes('must be fewer')", timeout=30_000
+    )
+    page.locator("#ti_train_advanced .label-wrap").first.click()
+    _fill(page, "ti_train_warmup", "2", number=True)
+    page.wait_for_function(
+        "document.querySelector('#ti_train_lr_note').innerText.includes('2 warmup steps')", timeout=30_000
+    )
+    page.wait_for_function(
+        "document.querySelector('#ti_train_prompts').innerText.includes('red thing')", timeout=30_000
+    )
+    assert page.locator("#ti_train_embedding input").first.input_value() == name
+    page.locator("#ti_train_start").click()
+
+    progress = page.locator("#tab_ti_tab .progressDiv .progress")
+    progress.first.wait_for(timeout=120_000)
+    seen_progress: set[str] = set()
+    plots: list[str] = []
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if progress.count():
+            seen_progress.add(progress.first.inner_text())
+        points = page.locator("#ti_train_plot polyline")
+        if points.count():
+            plots.append(points.first.get_attribute("points") or "")
+            if len(plots) == 3:
+                _shot(page, shot_prefix + "train.png", "#tab_ti_tab")
+        if "finished" in page.locator("#ti_train_status").first.inner_text():
+            break
+        time.sleep(0.5)
+    status = page.locator("#ti_train_status").first.inner_text()
+    print("progress texts:", sorted(seen_progress)[:5], "status:", status)
+    assert "finished" in status and "16/16" in status
+    assert any("step" in t and "loss" in t for t in seen_progress), seen_progress  # the host's bar, our text
+    assert len({p for p in plots if p}) >= 2, "the loss plot updated while training"
+    page.wait_for_selector("#ti_train_previews img", timeout=60_000)
+    _shot(page, shot_prefix + "train-done.png", "#tab_ti_tab")
+    emb = read_embedding(host.embeddings / f"{name}.safetensors")
+    assert emb.step == 16
+    page.close()
