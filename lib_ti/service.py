@@ -59,6 +59,8 @@ class HostServices:
     embedding_status: Callable[[], dict[str, str]] = dict
     #: the host's settings (``ti_`` keys): (key, default) -> value
     get_option: Callable[[str, Any], Any] = lambda key, default: default
+    #: why this host cannot train (None: it can); checked before a job starts
+    training_blocked: Callable[[], str | None] = lambda: None
     #: a UI task id is waiting for the GPU lock (the host's progress bar shows it as queued)
     progress_queued: Callable[[str], None] = lambda task_id: None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -288,6 +290,9 @@ class Service:
         from lib_ti.schedule import LearningRateSchedule, ScheduleArgs
 
         req = req.normalized()
+        blocked = self.host.training_blocked()
+        if blocked:
+            raise TIError(blocked)
         validate_name(req.embedding)
         if not req.dataset or not Path(req.dataset).is_dir():
             msg = f"dataset folder {req.dataset!r} does not exist"

@@ -76,9 +76,15 @@ def test_no_eval_or_exec():
                 assert node.func.id not in ("eval", "exec"), path
 
 
-def test_entry_script_registers_positionally(monkeypatch, tmp_path):
-    """Thin-glue check with a stand-in ``modules`` whose on_* accept no ``name=`` (Forge Classic)."""
+@pytest.mark.parametrize("forge_package", [False, True])
+def test_entry_script_registers_positionally(monkeypatch, tmp_path, forge_package):
+    """Thin-glue check with a stand-in ``modules`` whose on_* accept no ``name=`` (Forge Classic);
+    with ``modules_forge`` present too, that is detected as Forge Classic (A1111-style adapter)."""
     pytest.importorskip("gradio")
+    from lib_ti.host import detect
+
+    if forge_package:
+        monkeypatch.setattr(detect, "_exists", lambda name: name == "modules_forge")
     registered = {}
 
     def on(kind):
@@ -113,7 +119,8 @@ def test_entry_script_registers_positionally(monkeypatch, tmp_path):
     monkeypatch.delitem(sys.modules, "lib_ti.host.a1111_model", raising=False)
     import runpy
 
-    runpy.run_path(str(ROOT / "scripts" / "ti_tab.py"))
+    script = runpy.run_path(str(ROOT / "scripts" / "ti_tab.py"))
+    assert script["_HOST"] == ("classic" if forge_package else "a1111")
     assert set(registered) == {"ui_tabs", "ui_settings", "app_started", "model_loaded"}
     [(blocks, title, elem_id)] = registered["ui_tabs"]()
     assert (title, elem_id) == ("Textual Inversion", "ti_tab")

@@ -47,6 +47,8 @@ def host_info(name: str = "a1111") -> HostInfo:
         get_option=get_option,
         gradio_major=int(gr.__version__.split(".")[0]),
         service=_service,
+        # Forge Classic refuses embeddings stored in images (its loader raises for .png/.webp)
+        extra={"image_embeddings": name != "classic"},
     )
 
 

@@ -67,6 +67,8 @@ def _clip_l_sd1(cond_model: Any) -> TextEncoder:
 
 def _clip_h_sd2(cond_model: Any) -> TextEncoder:
     wrapped = cond_model.wrapped
+    if getattr(wrapped, "model", None) is None and hasattr(wrapped, "transformer"):  # reForge, Forge Classic
+        return _ldm_patched("clip_h", wrapped, int(getattr(wrapped, "layer_idx", -2) or -2), False)
     return OpenClipEncoder(
         "clip_h",
         wrapped.model,
@@ -91,8 +93,22 @@ def _clip_l_sdxl(embedder: Any) -> TextEncoder:
     return HFClipEncoder("clip_l", wrapped.transformer, hf_tokenizer_info(wrapped.tokenizer), settings)
 
 
+def _ldm_patched(key: str, wrapped: Any, hidden_index: int, pooled: bool) -> TextEncoder:
+    """reForge and Forge Classic replace open_clip by ldm_patched's CLIP (``wrapped.transformer`` with
+    ``text_model``, an HF tokenizer, ``wrapped.text_projection`` for CLIP-G). Used for token lookups
+    (create, merge, nearest tokens); training is refused on those hosts (see a1111_services)."""
+    n_layers = len(wrapped.transformer.text_model.encoder.layers)
+    settings = EncoderSettings(
+        skip=_skip_for_hidden_index(n_layers, hidden_index), final_norm=False, pooled=pooled, id_pad=0
+    )
+    projection = getattr(wrapped, "text_projection", None) if pooled else None
+    return HFClipEncoder(key, wrapped.transformer, hf_tokenizer_info(wrapped.tokenizer), settings, projection)
+
+
 def _clip_g_sdxl(embedder: Any) -> TextEncoder:
     wrapped = embedder.wrapped
+    if getattr(wrapped, "model", None) is None and hasattr(wrapped, "transformer"):  # reForge, Forge Classic
+        return _ldm_patched("clip_g", wrapped, int(getattr(wrapped, "layer_idx", -2) or -2), True)
     skip = 1 if wrapped.layer == "penultimate" else 0
     return OpenClipEncoder(
         "clip_g",

@@ -10,6 +10,7 @@ from typing import Any
 from lib_ti.embedding import Embedding
 from lib_ti.host import a1111, webui
 from lib_ti.host.a1111_model import build_parts, frozen
+from lib_ti.host.detect import training_blocked
 from lib_ti.service import HostServices
 
 logger = logging.getLogger(__name__)
@@ -71,8 +72,9 @@ def _preview(emb: Embedding, prompt: str, step: int, out_dir: Path) -> str | Non
     return webui.save_preview(emb, image, step, out_dir) if image is not None else None
 
 
-def host_services() -> HostServices:
+def host_services(host: str = "a1111") -> HostServices:
     return HostServices(
+        training_blocked=lambda: training_blocked(host),
         **webui.common_services(),
         build_parts=_parts,
         reload_embeddings=a1111.reload_embeddings,
@@ -90,9 +92,10 @@ def get_service():
     """The one Service of this process (kept across the host's Reload UI, which re-runs scripts)."""
     global _SERVICE
     if _SERVICE is None:
+        from lib_ti.host.detect import host_name
         from lib_ti.service import Service
 
-        _SERVICE = Service(host_services())
+        _SERVICE = Service(host_services(host_name()))
     return _SERVICE
 
 

@@ -107,6 +107,12 @@ class InspectHandlers:
     def save_as(
         self, source: str | None, other: str | None, name: str, fmt: str, target_label: str, overwrite: bool
     ) -> tuple[Any, Any, str]:
+        if fmt == "png" and not self.host.extra.get("image_embeddings", True):
+            return (
+                gr.update(),
+                gr.update(),
+                _error(TIError(f"{self.host.name} cannot load embeddings stored in images")),
+            )
         try:
             path = library.convert_and_save(
                 self.folder(),
@@ -165,7 +171,9 @@ def build(host: HostInfo) -> InspectHandlers:
         with gr.Row():
             new_name = gr.Textbox(label="New name", elem_id="ti_inspect_new_name")
             fmt = gr.Radio(
-                ["safetensors", "pt", "png"],
+                ["safetensors", "pt", "png"]
+                if host.extra.get("image_embeddings", True)
+                else ["safetensors", "pt"],
                 value=default_fmt if default_fmt in ("safetensors", "pt") else "safetensors",
                 label="Format",
                 elem_id="ti_inspect_format",

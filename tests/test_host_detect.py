@@ -1,0 +1,144 @@
+"""Which adapter each host gets, and what reForge / Forge Classic can do (no test host for them here).
+
+Their code paths were written from their sources (Panchovix/stable-diffusion-webui-reForge main,
+Haoming02/sd-webui-forge-classic classic): both keep A1111's embedding database; their text encoders
+are ldm_patched CLIP modules (``wrapped.transformer`` with an HF tokenizer) instead of open_clip.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from lib_ti.errors import TIError
+from lib_ti.host import detect
+
+from .models import hf_tokenizer
+
+
+def _fake_callbacks(monkeypatch, take_name: bool) -> None:
+    mod = types.ModuleType("modules.script_callbacks")
+    if take_name:
+
+        def on_ui_tabs(callback, *, name=None):
+            return None
+
+    else:
+
+        def on_ui_tabs(callback):
+            return None
+
+    mod.on_ui_tabs = on_ui_tabs
+    pkg = types.ModuleType("modules")
+    pkg.script_callbacks = mod
+    monkeypatch.setitem(sys.modules, "modules", pkg)
+    monkeypatch.setitem(sys.modules, "modules.script_callbacks", mod)
+
+
+@pytest.mark.parametrize(
+    ("present", "take_name", "expected"),
+    [
+        (set(), True, "a1111"),
+        ({"modules_forge", "backend.text_processing"}, True, "forge"),
+        ({"modules_forge", "backend.text_processing"}, False, "forge"),  # Forge Neo keeps the Forge2 backend
+        ({"modules_forge"}, True, "reforge"),
+        ({"modules_forge"}, False, "classic"),
+    ],
+)
+def test_host_name(monkeypatch, present, take_name, expected):
+    monkeypatch.setattr(detect, "_exists", lambda name: name in present)
+    _fake_callbacks(monkeypatch, take_name)
+    assert detect.host_name() == expected
+    assert detect.is_a1111_style(expected) == (expected != "forge")
+
+
+def test_exists_survives_missing_parents():
+    assert detect._exists("torch")
+    assert not detect._exists("no_such_package_xyz.sub")
+
+
+def test_training_is_refused_on_reforge_and_classic_before_anything_starts(tmp_path):
+    from lib_ti.host.detect import training_blocked
+    from lib_ti.service import HostServices, Service, TrainRequest
+
+    assert training_blocked("a1111") is None
+    for host, label in (("reforge", "reForge"), ("classic", "Forge Classic")):
+        msg = training_blocked(host)
+        assert msg and label in msg and "train on AUTOMATIC1111 or Forge" in msg
+        service = Service(
+            HostServices(
+                embeddings_dir=lambda: str(tmp_path),
+                log_dir=lambda: str(tmp_path),
+                build_parts=lambda: pytest.fail("must not touch the model"),
+                reload_embeddings=lambda: None,
+                training_blocked=lambda m=msg: m,
+            )
+        )
+        with pytest.raises(TIError, match=label):
+            service.start_training(TrainRequest("x", str(tmp_path), steps=1))
+        assert service.jobs.current is None
+
+
+class _Holder(nn.Module):
+    """A1111's EmbeddingsWithFixes keeps the real table as ``.wrapped``."""
+
+    def __init__(self, table: nn.Embedding) -> None:
+        super().__init__()
+        self.wrapped = table
+
+
+def _ldm_patched_wrapped(width: int) -> types.SimpleNamespace:
+    """The attributes reForge / Classic give SDXL's CLIP-G embedder (modules_forge/forge_loader.py)."""
+    torch.manual_seed(0)
+    text_model = nn.Module()
+    text_model.embeddings = nn.Module()
+    text_model.embeddings.token_embedding = _Holder(nn.Embedding(49408, width))
+    text_model.encoder = nn.Module()
+    text_model.encoder.layers = nn.ModuleList(nn.Identity() for _ in range(4))
+    text_model.final_layer_norm = nn.LayerNorm(width)
+    transformer = nn.Module()
+    transformer.text_model = text_model
+    projection = nn.Linear(width, width, bias=False)
+    return types.SimpleNamespace(
+        transformer=transformer, tokenizer=hf_tokenizer(), text_projection=projection, layer="hidden", layer_idx=-2,
+        model=None,
+    )  # fmt: skip
+
+
+def test_reforge_and_classic_text_encoders_serve_token_lookups():
+    from lib_ti.host.a1111_model import _clip_g_sdxl, _clip_h_sd2
+
+    wrapped = _ldm_patched_wrapped(1280)
+    enc = _clip_g_sdxl(types.SimpleNamespace(wrapped=wrapped))
+    assert (enc.key, enc.width) == ("clip_g", 1280)
+    assert (enc.settings.skip, enc.settings.final_norm, enc.settings.pooled, enc.settings.id_pad) == (
+        1,
+        False,
+        True,
+        0,
+    )
+    assert enc.projection is wrapped.text_projection
+    ids = enc.tokenize("a red car")
+    assert len(ids) == 3
+    table = wrapped.transformer.text_model.embeddings.token_embedding.wrapped.weight
+    assert torch.equal(enc.token_vectors(ids), table[ids].detach())
+    h = _clip_h_sd2(types.SimpleNamespace(wrapped=_ldm_patched_wrapped(1024)))
+    assert (h.key, h.width, h.settings.pooled, h.settings.id_pad) == ("clip_h", 1024, False, 0)
+
+
+def test_classic_refuses_image_embeddings_in_inspect(tmp_path):
+    pytest.importorskip("gradio")
+    from lib_ti.embedding import Embedding
+    from lib_ti.formats import write_embedding
+    from lib_ti.hostinfo import HostInfo
+    from lib_ti.ui.inspect_view import InspectHandlers
+
+    write_embedding(Embedding("one", {"clip_l": torch.randn(1, 768)}), tmp_path / "one.safetensors")
+    info = HostInfo(name="classic", embeddings_dir=lambda: str(tmp_path), extra={"image_embeddings": False})
+    _, _, msg = InspectHandlers(info).save_as("one.safetensors", None, "as_png", "png", "same kind", False)
+    assert "cannot load embeddings stored in images" in msg
+    assert not (tmp_path / "as_png.png").exists()
