@@ -7,6 +7,7 @@ from typing import Any
 
 from modules import sd_hijack, sd_models
 
+from lib_ti.host import webui
 from lib_ti.host.webui import embeddings_dir, get_option, register_settings
 from lib_ti.hostinfo import HostInfo
 
@@ -37,18 +38,9 @@ def reload_embeddings() -> None:
 
 
 def host_info(name: str = "a1111") -> HostInfo:
-    import gradio as gr
-
-    return HostInfo(
-        name=name,
-        embeddings_dir=embeddings_dir,
-        embedding_status=embedding_status,
-        reload_embeddings=reload_embeddings,
-        get_option=get_option,
-        gradio_major=int(gr.__version__.split(".")[0]),
-        service=_service,
-        # Forge Classic refuses embeddings stored in images (its loader raises for .png/.webp)
-        extra={"image_embeddings": name != "classic"},
+    # Forge Classic refuses embeddings stored in images (its loader raises for .png/.webp)
+    return webui.host_info(
+        name, embedding_status, reload_embeddings, _service, image_embeddings=name != "classic"
     )
 
 

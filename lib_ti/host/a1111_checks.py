@@ -5,7 +5,6 @@ Registered only when the environment variable ``LIB_TI_HOST_CHECKS=1`` is set (n
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -51,40 +50,24 @@ def gradient_check(prompt: str, name: str) -> dict[str, Any]:
 
     from lib_ti.formats import read_embedding
     from lib_ti.host.a1111_model import build_parts, frozen
-    from lib_ti.service import Service  # noqa: F401  (import check)
+    from lib_ti.host.a1111_services import get_service
+    from lib_ti.host.checks import one_backward
 
     m = shared.sd_model
     parts = build_parts(m)
     changed = frozen(m)
     try:
-        from lib_ti.host.a1111_services import get_service
-
         emb = read_embedding(get_service().find_embedding_file(name))
-        vecs = {k: v.clone().requires_grad_() for k, v in emb.vectors.items()}
-        t0 = time.perf_counter()
-        c = parts.prompt_encoder.encode([prompt], {name: vecs})
-        cond = {"crossattn": c.crossattn}
-        if parts.kind == "sdxl":
-            cond["pooled"] = c.pooled
-            cond["time_ids"] = torch.tensor([[512.0, 512, 0, 0, 512, 512]])
-        x = torch.randn(1, 4, 64, 64)
-        out = parts.denoise(x, torch.tensor([500]), cond)
-        out.square().mean().backward()
-        grads = {k: float(v.grad.abs().sum()) if v.grad is not None else None for k, v in vecs.items()}
-        weight_grads = sum(1 for p in m.parameters() if p.grad is not None)
+        out = one_backward(parts, prompt, name, emb.vectors, 64)
+        out["weights_with_grad"] = sum(1 for p in m.parameters() if p.grad is not None)
     finally:
         for p in changed:
             p.requires_grad_(True)
-    return {"vector_grad_abs_sum": grads, "weights_with_grad": weight_grads, "seconds": time.perf_counter() - t0,
-            "params_requires_grad_before": len(changed)}  # fmt: skip
+    out["params_requires_grad_before"] = len(changed)
+    return out
 
 
 def add_check_routes(app: Any) -> None:
-    def parity(body: dict) -> Any:
-        return conditioning_parity(str(body["prompt"]), body.get("embedding"))
+    from lib_ti.host.checks import add_routes
 
-    def grad(body: dict) -> Any:
-        return gradient_check(str(body["prompt"]), str(body["embedding"]))
-
-    app.add_api_route("/ti/v1/_checks/parity", parity, methods=["POST"])
-    app.add_api_route("/ti/v1/_checks/gradient", grad, methods=["POST"])
+    add_routes(app, conditioning_parity, gradient_check)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -100,15 +99,10 @@ def get_service():
 
 
 def add_api_routes(app: Any) -> None:
-    from modules import shared
+    webui.add_api_routes(app, get_service(), _add_checks)
 
-    from lib_ti.ui.api import add_routes
 
-    if getattr(app.state, "lib_ti_routes", False):
-        return
-    add_routes(app, get_service(), getattr(shared.cmd_opts, "api_auth", None))
-    if os.environ.get("LIB_TI_HOST_CHECKS") == "1":
-        from lib_ti.host.a1111_checks import add_check_routes
+def _add_checks(app: Any) -> None:
+    from lib_ti.host.a1111_checks import add_check_routes
 
-        add_check_routes(app)
-    app.state.lib_ti_routes = True
+    add_check_routes(app)

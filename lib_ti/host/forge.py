@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from lib_ti.host import webui
 from lib_ti.host.forge_model import engines
-from lib_ti.host.webui import embeddings_dir, get_option
 from lib_ti.hostinfo import HostInfo
 
 logger = logging.getLogger(__name__)
@@ -87,17 +87,7 @@ def register_live(emb_data: dict[str, Any], name: str) -> None:
 
 
 def host_info(name: str = "forge") -> HostInfo:
-    import gradio as gr
-
-    return HostInfo(
-        name=name,
-        embeddings_dir=embeddings_dir,
-        embedding_status=embedding_status,
-        reload_embeddings=reload_embeddings,
-        get_option=get_option,
-        gradio_major=int(gr.__version__.split(".")[0]),
-        service=_service,
-    )
+    return webui.host_info(name, embedding_status, reload_embeddings, _service)
 
 
 def _service() -> Any:

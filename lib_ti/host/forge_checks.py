@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -104,6 +103,7 @@ def gradient_check(prompt: str, name: str) -> dict[str, Any]:
     """One backward pass from Forge's UNet to the vectors; reports where gradients went."""
     from lib_ti.formats import read_embedding
     from lib_ti.host import forge
+    from lib_ti.host.checks import one_backward
     from lib_ti.host.forge_model import build_parts, load_for_training, normal_weights, training_modules
     from lib_ti.host.forge_services import get_service
 
@@ -113,33 +113,21 @@ def gradient_check(prompt: str, name: str) -> dict[str, Any]:
     count, restore = normal_weights(training_modules(m))
     try:
         emb = read_embedding(get_service().find_embedding_file(name))
-        vecs = {k: v.clone().requires_grad_() for k, v in emb.vectors.items()}
-        t0 = time.perf_counter()
-        c = parts.prompt_encoder.encode([prompt], {name: vecs})
-        cond = {"crossattn": c.crossattn}
-        if parts.kind == "sdxl":
-            cond["pooled"] = c.pooled
-            cond["time_ids"] = torch.tensor([[512.0, 512, 0, 0, 512, 512]])
-        out = parts.denoise(torch.randn(1, 4, 8, 8), torch.tensor([500]), cond)
-        out.square().mean().backward()
-        grads = {k: float(v.grad.abs().sum()) if v.grad is not None else None for k, v in vecs.items()}
-        with_grad = sum(1 for mod in training_modules(m) for p in mod.parameters() if p.grad is not None)
+        out = one_backward(parts, prompt, name, emb.vectors, 8)
+        out["weights_with_grad"] = sum(
+            1 for mod in training_modules(m) for p in mod.parameters() if p.grad is not None
+        )
     finally:
         restore()
-    return {"vector_grad_abs_sum": grads, "weights_with_grad": with_grad, "replaced": count,
-            "seconds": time.perf_counter() - t0}  # fmt: skip
+    out["replaced"] = count
+    return out
 
 
 def add_check_routes(app: Any) -> None:
-    def parity(body: dict) -> Any:
-        return conditioning_parity(str(body["prompt"]), body.get("embedding"))
-
-    def grad(body: dict) -> Any:
-        return gradient_check(str(body["prompt"]), str(body["embedding"]))
+    from lib_ti.host.checks import add_routes
 
     def unet(body: dict) -> Any:
         return unet_parity(int(body.get("size", 8)))
 
-    app.add_api_route("/ti/v1/_checks/parity", parity, methods=["POST"])
-    app.add_api_route("/ti/v1/_checks/gradient", grad, methods=["POST"])
+    add_routes(app, conditioning_parity, gradient_check)
     app.add_api_route("/ti/v1/_checks/unet", unet, methods=["POST"])

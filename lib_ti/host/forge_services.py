@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -82,16 +81,11 @@ def get_service():
 
 
 def add_api_routes(app: Any) -> None:
-    from modules import shared
-
-    from lib_ti.ui.api import add_routes
-
     forge.remember_api(app)
-    if getattr(app.state, "lib_ti_routes", False):
-        return
-    add_routes(app, get_service(), getattr(shared.cmd_opts, "api_auth", None))
-    if os.environ.get("LIB_TI_HOST_CHECKS") == "1":
-        from lib_ti.host.forge_checks import add_check_routes
+    webui.add_api_routes(app, get_service(), _add_checks)
 
-        add_check_routes(app)
-    app.state.lib_ti_routes = True
+
+def _add_checks(app: Any) -> None:
+    from lib_ti.host.forge_checks import add_check_routes
+
+    add_check_routes(app)

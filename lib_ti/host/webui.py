@@ -155,3 +155,38 @@ def common_services() -> dict[str, Any]:
         "save_format": save_format,
         "get_option": get_option,
     }
+
+
+def host_info(name: str, embedding_status: Any, reload_embeddings: Any, service: Any, **extra: Any) -> Any:
+    """The HostInfo the tab is built with."""
+    import gradio as gr
+
+    from lib_ti.hostinfo import HostInfo
+
+    return HostInfo(
+        name=name,
+        embeddings_dir=embeddings_dir,
+        embedding_status=embedding_status,
+        reload_embeddings=reload_embeddings,
+        get_option=get_option,
+        gradio_major=int(gr.__version__.split(".")[0]),
+        service=service,
+        extra=dict(extra),
+    )
+
+
+def add_api_routes(app: Any, service: Any, add_checks: Any) -> None:
+    """Our /ti/v1 routes with the host's --api-auth, once per app; ``add_checks(app)`` adds the
+    self-check routes when LIB_TI_HOST_CHECKS=1 (real-host tests only)."""
+    import os
+
+    from modules import shared
+
+    from lib_ti.ui.api import add_routes
+
+    if getattr(app.state, "lib_ti_routes", False):
+        return
+    add_routes(app, service, getattr(shared.cmd_opts, "api_auth", None))
+    if os.environ.get("LIB_TI_HOST_CHECKS") == "1":
+        add_checks(app)
+    app.state.lib_ti_routes = True

@@ -91,17 +91,23 @@ def _env(webui: Path) -> dict[str, str]:
     return env
 
 
+def checkout(dir_var: str, python_var: str, what: str) -> tuple[Path, Path]:
+    """The host checkout named by ``dir_var`` and its interpreter (``python_var``, default
+    ``<checkout>/../venv/bin/python``), or a skip that says how to enable the tests."""
+    webui = os.environ.get(dir_var)
+    if not webui:
+        pytest.skip(f"{what} tests: set {dir_var} to a checkout (see ../shared/HOSTS.md)")
+    webui_p = Path(webui).expanduser().resolve()
+    python = Path(os.environ.get(python_var, webui_p.parent / "venv" / "bin" / "python")).expanduser()
+    if not python.exists():
+        pytest.skip(f"{what} tests: interpreter {python} not found (set {python_var})")
+    return webui_p, python
+
+
 @pytest.fixture(scope="session")
 def host_paths(tmp_path_factory):
-    webui = os.environ.get("SD_WEBUI_DIR")
-    if not webui:
-        pytest.skip("real-host tests: set SD_WEBUI_DIR to an AUTOMATIC1111 checkout (see ../shared/HOSTS.md)")
-    webui_p = Path(webui).expanduser().resolve()
-    python = Path(os.environ.get("SD_WEBUI_PYTHON", webui_p.parent / "venv" / "bin" / "python")).expanduser()
-    if not python.exists():
-        pytest.skip(f"real-host tests: interpreter {python} not found (set SD_WEBUI_PYTHON)")
-    emb = tmp_path_factory.mktemp("embeddings")
-    return webui_p, python, emb
+    webui_p, python = checkout("SD_WEBUI_DIR", "SD_WEBUI_PYTHON", "AUTOMATIC1111 host")
+    return webui_p, python, tmp_path_factory.mktemp("embeddings")
 
 
 @contextlib.contextmanager
@@ -196,13 +202,7 @@ def a1111(host_paths, tmp_path_factory):
 @pytest.fixture(scope="session")
 def forge(tmp_path_factory):
     """A real Forge (SD_FORGE_DIR) on the CPU with this extension linked in, on port SD_FORGE_PORT (7871)."""
-    webui = os.environ.get("SD_FORGE_DIR")
-    if not webui:
-        pytest.skip("Forge host tests: set SD_FORGE_DIR to a Forge checkout (see ../shared/hosttest/forge/)")
-    webui_p = Path(webui).expanduser().resolve()
-    python = Path(os.environ.get("SD_FORGE_PYTHON", webui_p.parent / "venv" / "bin" / "python")).expanduser()
-    if not python.exists():
-        pytest.skip(f"Forge host tests: interpreter {python} not found (set SD_FORGE_PYTHON)")
+    webui_p, python = checkout("SD_FORGE_DIR", "SD_FORGE_PYTHON", "Forge host")
     embeddings = tmp_path_factory.mktemp("forge-embeddings")
     port = int(os.environ.get("SD_FORGE_PORT", "7871"))
     log = tmp_path_factory.mktemp("forge") / "webui.log"
@@ -212,3 +212,14 @@ def forge(tmp_path_factory):
         _proc,
     ):
         yield host
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Four 64x64 images of plain colours (file-name captions)."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("host-data")
+    for i, c in enumerate([(200, 60, 60), (60, 200, 60), (60, 60, 200), (200, 200, 60)]):
+        Image.new("RGB", (64, 64), c).save(d / f"{i}-sample.png")
+    return d

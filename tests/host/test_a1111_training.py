@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-from PIL import Image
 
 from lib_ti.formats import read_embedding
 
@@ -23,15 +22,7 @@ def unique(prompt: str) -> str:
     return f"{prompt} {time.time_ns() % 10**9}"  # the host caches conditioning per prompt
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    d = tmp_path_factory.mktemp("host-data")
-    for i, c in enumerate([(200, 60, 60), (60, 200, 60), (60, 60, 200), (200, 200, 60)]):
-        Image.new("RGB", (64, 64), c).save(d / f"{i}-sample.png")
-    return d
-
-
-def wait_job(host, job_id, timeout=900):
+def wait_job(host, job_id, timeout=1800):
     deadline = time.time() + timeout
     while time.time() < deadline:
         st = host.get(f"/ti/v1/jobs/{job_id}")

@@ -18,21 +18,13 @@ from PIL import Image
 
 from lib_ti.formats import read_embedding
 
-from .test_a1111_training import PROMPTS
+from .test_a1111_training import PROMPTS, wait_job
 
 pytestmark = pytest.mark.host
 
 
 def unique(prompt: str) -> str:
     return f"{prompt} {time.time_ns() % 10**9}"  # Forge caches conditioning per prompt
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    d = tmp_path_factory.mktemp("forge-data")
-    for i, c in enumerate([(200, 60, 60), (60, 200, 60), (60, 60, 200), (200, 200, 60)]):
-        Image.new("RGB", (64, 64), c).save(d / f"{i}-sample.png")
-    return d
 
 
 def infotext(res) -> str:
@@ -53,17 +45,6 @@ def txt2img(host, prompt, seed=7, size=64):
 
 def pixels(res) -> bytes:
     return Image.open(io.BytesIO(base64.b64decode(res["images"][0]))).convert("RGB").tobytes()
-
-
-def wait_job(host, job_id, timeout=1800):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        st = host.get(f"/ti/v1/jobs/{job_id}")
-        if st["state"] not in ("queued", "running"):
-            return st
-        time.sleep(2)
-    pytest.fail(f"job {job_id} did not end")
-    return None
 
 
 def switch(host, ckpt):
