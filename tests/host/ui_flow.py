@@ -70,6 +70,9 @@ def create_and_train(host, browser, tmp_path, sd1_checkpoint: str, shot_prefix: 
     card = f"#txt2img_textual_inversion_cards_html .card[data-name='{name}']"
 
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    console: list[str] = []
+    page.on("console", lambda m: console.append(f"{m.type}: {m.text}"[:300]))
+    page.on("pageerror", lambda e: console.append(f"pageerror: {e}"[:300]))
     page.goto(host.base, wait_until="load", timeout=180_000)
     page.wait_for_selector("#tabs", timeout=180_000)
     # the txt2img cards are on the page before the embedding exists
@@ -142,11 +145,20 @@ def create_and_train(host, browser, tmp_path, sd1_checkpoint: str, shot_prefix: 
             plots.append(points.first.get_attribute("points") or "")
             if len(plots) == 3:
                 _shot(page, shot_prefix + "train.png", "#tab_ti_tab")
-        if "finished" in page.locator("#ti_train_status").first.inner_text():
+        text = page.locator("#ti_train_status").first.inner_text()
+        if "finished" in text or "⚠" in text or text.strip() == "Error":
             break
         time.sleep(0.5)
     status = page.locator("#ti_train_status").first.inner_text()
     print("progress texts:", sorted(seen_progress)[:5], "status:", status)
+    if "finished" not in status:
+        print("browser console:", *console[-20:], sep="\n  ")
+        print(
+            "jobs:",
+            host.get("/ti/v1/embeddings")["loaded"],
+            "progress:",
+            host.get("/sdapi/v1/progress")["state"],
+        )
     assert "finished" in status and "16/16" in status
     assert any("step" in t and "loss" in t for t in seen_progress), seen_progress  # the host's bar, our text
     assert len({p for p in plots if p}) >= 2, "the loss plot updated while training"
