@@ -7,7 +7,10 @@ use; rebuilt only when a checkpoint loads), the Extra Networks cards' one, and t
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from lib_ti.host import webui
@@ -28,14 +31,38 @@ def loaded_model() -> Any:
     return m if m is not None and engines(m) else None
 
 
+#: ``holding`` is True in the thread of our training job while it holds the host's GPU lock
+GPU_LOCK = threading.local()
+
+
+@contextlib.contextmanager
+def exclusive() -> Iterator[None]:
+    """The host's GPU lock, remembering that this thread holds it (the lock is not re-entrant)."""
+    with webui.exclusive():
+        GPU_LOCK.holding = True
+        try:
+            yield
+        finally:
+            GPU_LOCK.holding = False
+
+
 def ensure_model() -> Any:
-    """The model, loading the selected checkpoint if Forge has not yet (it loads lazily)."""
+    """The model, loading the selected checkpoint if Forge has not yet (it loads lazily).
+
+    A load happens under the GPU lock, as Forge's own generations do it, so two loads never overlap.
+    """
     from modules import sd_models
 
-    m = loaded_model()
-    if m is None or sd_models.model_data.forge_hash != str(sd_models.model_data.forge_loading_parameters):
-        m, _ = sd_models.forge_model_reload()
-    return m
+    def stale() -> bool:
+        data = sd_models.model_data
+        return loaded_model() is None or data.forge_hash != str(data.forge_loading_parameters)
+
+    if not stale():
+        return loaded_model()
+    if getattr(GPU_LOCK, "holding", False):
+        return sd_models.forge_model_reload()[0]
+    with webui.exclusive():
+        return sd_models.forge_model_reload()[0] if stale() else loaded_model()
 
 
 def embedding_status() -> dict[str, str]:

@@ -57,8 +57,10 @@ def _preview(emb: Embedding, prompt: str, step: int, out_dir: Path) -> str | Non
 
 
 def host_services() -> HostServices:
+    services = webui.common_services()
+    services["exclusive"] = forge.exclusive
     return HostServices(
-        **webui.common_services(),
+        **services,
         build_parts=_parts,
         reload_embeddings=forge.reload_embeddings,
         freeze_model=_freeze,
