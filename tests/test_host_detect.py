@@ -105,7 +105,7 @@ def _ldm_patched_wrapped(width: int) -> types.SimpleNamespace:
     projection = nn.Linear(width, width, bias=False)
     return types.SimpleNamespace(
         transformer=transformer, tokenizer=hf_tokenizer(), text_projection=projection, layer="hidden", layer_idx=-2,
-        model=None,
+        model=types.SimpleNamespace(),  # forge_loader's FakeObject placeholder: not a module, not None
     )  # fmt: skip
 
 
@@ -127,7 +127,25 @@ def test_reforge_and_classic_text_encoders_serve_token_lookups():
     table = wrapped.transformer.text_model.embeddings.token_embedding.wrapped.weight
     assert torch.equal(enc.token_vectors(ids), table[ids].detach())
     h = _clip_h_sd2(types.SimpleNamespace(wrapped=_ldm_patched_wrapped(1024)))
-    assert (h.key, h.width, h.settings.pooled, h.settings.id_pad) == ("clip_h", 1024, False, 0)
+    assert (h.key, h.width, h.settings.pooled, h.settings.id_pad, h.settings.final_norm) == (
+        "clip_h",
+        1024,
+        False,
+        0,
+        True,
+    )
+
+
+def test_sd2_is_recognised_when_the_fork_says_is_sd2_false():
+    from lib_ti.host.a1111_model import model_kind
+
+    open_clip_wrapper = type("FrozenOpenCLIPEmbedder", (), {})
+    m = types.SimpleNamespace(
+        is_sdxl=False, is_sd2=False, cond_stage_model=types.SimpleNamespace(wrapped=open_clip_wrapper())
+    )
+    assert model_kind(m) == "sd2"
+    m.cond_stage_model.wrapped = object()
+    assert model_kind(m) == "sd1"
 
 
 def test_classic_refuses_image_embeddings_in_inspect(tmp_path):

@@ -67,8 +67,10 @@ def _clip_l_sd1(cond_model: Any) -> TextEncoder:
 
 def _clip_h_sd2(cond_model: Any) -> TextEncoder:
     wrapped = cond_model.wrapped
-    if getattr(wrapped, "model", None) is None and hasattr(wrapped, "transformer"):  # reForge, Forge Classic
-        return _ldm_patched("clip_h", wrapped, int(getattr(wrapped, "layer_idx", -2) or -2), False)
+    if is_forge1_encoder(wrapped):  # reForge, Forge Classic
+        return _ldm_patched(
+            "clip_h", wrapped, int(getattr(wrapped, "layer_idx", -2) or -2), False, final_norm=True
+        )
     return OpenClipEncoder(
         "clip_h",
         wrapped.model,
@@ -93,13 +95,23 @@ def _clip_l_sdxl(embedder: Any) -> TextEncoder:
     return HFClipEncoder("clip_l", wrapped.transformer, hf_tokenizer_info(wrapped.tokenizer), settings)
 
 
-def _ldm_patched(key: str, wrapped: Any, hidden_index: int, pooled: bool) -> TextEncoder:
-    """reForge and Forge Classic replace open_clip by ldm_patched's CLIP (``wrapped.transformer`` with
-    ``text_model``, an HF tokenizer, ``wrapped.text_projection`` for CLIP-G). Used for token lookups
-    (create, merge, nearest tokens); training is refused on those hosts (see a1111_services)."""
+def is_forge1_encoder(wrapped: Any) -> bool:
+    """reForge / Forge Classic: open_clip's ``.model`` is replaced by a placeholder (not a module) and the
+    encoder is a transformers CLIPTextModel in ``.transformer`` (modules_forge/forge_loader.py)."""
+    return not isinstance(getattr(wrapped, "model", None), torch.nn.Module) and hasattr(
+        getattr(wrapped, "transformer", None), "text_model"
+    )
+
+
+def _ldm_patched(
+    key: str, wrapped: Any, hidden_index: int, pooled: bool, final_norm: bool = False
+) -> TextEncoder:
+    """reForge and Forge Classic give SD2's CLIP-H and SDXL's CLIP-G as a transformers CLIPTextModel in
+    ``wrapped.transformer`` with an HF tokenizer and ``wrapped.text_projection``. Used for token lookups
+    (create, merge, nearest tokens); training is refused on those hosts (see detect.training_blocked)."""
     n_layers = len(wrapped.transformer.text_model.encoder.layers)
     settings = EncoderSettings(
-        skip=_skip_for_hidden_index(n_layers, hidden_index), final_norm=False, pooled=pooled, id_pad=0
+        skip=_skip_for_hidden_index(n_layers, hidden_index), final_norm=final_norm, pooled=pooled, id_pad=0
     )
     projection = getattr(wrapped, "text_projection", None) if pooled else None
     return HFClipEncoder(key, wrapped.transformer, hf_tokenizer_info(wrapped.tokenizer), settings, projection)
@@ -107,7 +119,7 @@ def _ldm_patched(key: str, wrapped: Any, hidden_index: int, pooled: bool) -> Tex
 
 def _clip_g_sdxl(embedder: Any) -> TextEncoder:
     wrapped = embedder.wrapped
-    if getattr(wrapped, "model", None) is None and hasattr(wrapped, "transformer"):  # reForge, Forge Classic
+    if is_forge1_encoder(wrapped):  # reForge, Forge Classic
         return _ldm_patched("clip_g", wrapped, int(getattr(wrapped, "layer_idx", -2) or -2), True)
     skip = 1 if wrapped.layer == "penultimate" else 0
     return OpenClipEncoder(
@@ -122,6 +134,10 @@ def model_kind(m: Any) -> str:
     if getattr(m, "is_sdxl", False):
         return "sdxl"
     if getattr(m, "is_sd2", False):
+        return "sd2"
+    # reForge / Forge Classic set is_sd2 False for SD2 (they test the wrapper): look at the wrapped encoder
+    wrapped = getattr(getattr(m, "cond_stage_model", None), "wrapped", None)
+    if type(wrapped).__name__ == "FrozenOpenCLIPEmbedder":
         return "sd2"
     return "sd1"
 

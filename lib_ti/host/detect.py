@@ -63,7 +63,7 @@ def training_blocked(host: str) -> str | None:
     if label is None:
         return None
     return (
-        f"training is not available on {label} yet: its ldm_patched text encoders and UNet add residuals in "
-        "place, which gradients cannot pass, and no test host was available to make that safe. Create, "
-        "merge and inspect work here; train on AUTOMATIC1111 or Forge."
+        f"training is not available on {label} yet: its sampling leaves the model's weights as inference "
+        "tensors, its VAE encode returns no distribution, and no test host was available to verify the "
+        "adapter there. Create, merge and inspect work here; train on AUTOMATIC1111 or Forge."
     )
