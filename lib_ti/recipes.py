@@ -57,4 +57,5 @@ def recipe_for(kind: str, get_option: Callable[[str, Any], Any] | None = None) -
             changes[name] = str(value).strip() if name == "lr" else int(float(value))
         except (TypeError, ValueError):
             continue
+    # a blank lr or a value that rounds to 0 keeps the recipe's value
     return replace(base, **{k: v for k, v in changes.items() if v not in ("", 0)})

@@ -82,10 +82,8 @@ def unet_parity(size: int = 8) -> dict[str, Any]:
         flat = torch.cat([m.embedder(torch.Tensor([v])) for v in [1024, 1024, 0, 0, 1024, 1024]]).flatten()
         y = torch.cat([cond["pooled"], flat[None]], dim=1)
     with torch.inference_mode():  # Forge's own forward, as its sampler runs it
-        theirs = net(
-            x, t.float(), context=cond["crossattn"], y=y, control=None, transformer_options={}
-        ).clone()
-    theirs = theirs.clone()
+        theirs = net(x, t.float(), context=cond["crossattn"], y=y, control=None, transformer_options={})
+    theirs = theirs.clone()  # outside inference mode: a normal tensor
     count, restore = normal_weights(training_modules(m))
     try:
         ours = parts.denoise(x, t, cond)

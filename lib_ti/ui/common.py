@@ -14,6 +14,7 @@ logger = logging.getLogger(__name__)
 
 #: tokens in one prompt chunk
 CHUNK = 75
+NEAREST_HEADERS = ["encoder", "vector", "nearest tokens (cosine)"]
 
 
 def error_html(e: Exception | str) -> str:

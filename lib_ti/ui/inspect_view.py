@@ -12,9 +12,8 @@ from lib_ti import library
 from lib_ti.errors import TIError
 from lib_ti.formats import read_embedding
 from lib_ti.hostinfo import HostInfo
-from lib_ti.ui.common import nearest_rows
+from lib_ti.ui.common import NEAREST_HEADERS, nearest_rows
 from lib_ti.ui.compat import file_upload_kwargs, js_kwargs, uploaded_path
-from lib_ti.ui.merge_view import NEAREST_HEADERS
 from lib_ti.ui.plots import bar_plot
 
 logger = logging.getLogger(__name__)

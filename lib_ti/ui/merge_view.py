@@ -11,13 +11,20 @@ from lib_ti.embedding import KIND_LABELS
 from lib_ti.errors import TIError
 from lib_ti.formats import read_embedding
 from lib_ti.hostinfo import HostInfo
-from lib_ti.ui.common import card_markdown, error_html, get_service, model_error, nearest_rows, ok_html
+from lib_ti.ui.common import (
+    NEAREST_HEADERS,
+    card_markdown,
+    error_html,
+    get_service,
+    model_error,
+    nearest_rows,
+    ok_html,
+)
 from lib_ti.ui.compat import js_kwargs
 
 logger = logging.getLogger(__name__)
 
 SYNTAX_DOC = Path(__file__).resolve().parents[2] / "docs" / "SYNTAX.md"
-NEAREST_HEADERS = ["encoder", "vector", "nearest tokens (cosine)"]
 EXAMPLES = [
     "'a red sports car'",
     "avg('cat', 'dog')",

@@ -42,6 +42,11 @@ def wait_step(host, job_id, step, timeout=120):
         time.sleep(0.2)
 
 
+def train_body(name, dataset, steps, **extra):
+    """A /ti/v1/train request on the 64 px test images."""
+    return {"embedding": name, "dataset": str(dataset), "steps": steps, "resolution": 64, **extra}
+
+
 def switch(host, ckpt):
     host.post("/sdapi/v1/options", {"sd_model_checkpoint": ckpt})
     host.post("/sdapi/v1/reload-checkpoint", {})
@@ -135,13 +140,7 @@ def test_interrupt_ends_training_after_saving(a1111, dataset):
     a1111.post(
         "/ti/v1/create", {"name": "ti-int", "vectors": 1, "init_text": "a painting", "overwrite": True}
     )
-    body = {
-        "embedding": "ti-int",
-        "dataset": str(dataset),
-        "steps": 500,
-        "resolution": 64,
-        "validation_every": 0,
-    }
+    body = train_body("ti-int", dataset, 500, validation_every=0)
     job_id = a1111.post("/ti/v1/train", body)["job_id"]
     wait_step(a1111, job_id, 2)
     a1111.post("/sdapi/v1/interrupt", {})
@@ -172,13 +171,7 @@ def test_sdxl_parity_train_and_model_switch(a1111, dataset):
         a1111.post(
             "/ti/v1/create", {"name": "ti-xl", "vectors": 2, "init_text": "a painting", "overwrite": True}
         )
-        body = {
-            "embedding": "ti-xl",
-            "dataset": str(dataset),
-            "steps": 10,
-            "resolution": 64,
-            "validation_every": 5,
-        }
+        body = train_body("ti-xl", dataset, 10, validation_every=5)
         st = wait_job(a1111, a1111.post("/ti/v1/train", body)["job_id"])
         print("SDXL training", st["state"], st["message"], st["val_losses"])
         assert st["state"] == "done", st
