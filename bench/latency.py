@@ -42,10 +42,10 @@ def main() -> None:
 
     from lib_ti.create import CreateArgs, create_embedding
     from lib_ti.embedding import Embedding
-    from lib_ti.encoders import open_clip_tokenizer_info
-    from lib_ti.inspect import NearestTokens, nearest_tokens
     from lib_ti.merge import MergeContext, evaluate
-    from lib_ti.vocab import TokenTable
+    from lib_ti.text.encoders import open_clip_tokenizer_info
+    from lib_ti.text.nearest import NearestTokens, nearest_tokens
+    from lib_ti.text.vocab import TokenTable
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tok = open_clip_tokenizer_info(_tokenizer)

@@ -6,7 +6,7 @@ For an SD1.5-shape and an SDXL-shape model (real UNet configurations, CLIP-L 12 
 layers, random weights, 32x32 latents, batch 1), in the same process:
   (a) the minimal TI step, hand-written: splice the vectors into the token embeddings, text encoders
       forward, UNet forward, MSE, backward to the vectors; nothing else;
-  (b) one full step of lib_ti.train.Trainer at the same shape and batch (data, splice, loss,
+  (b) one full step of lib_ti.training.trainer.Trainer at the same shape and batch (data, splice, loss,
       optimizer, norm control, logging included).
 Prints b/a per model (target <= 1.10) and the peak resident memory of each variant, measured in
 separate processes. Ends with ``step_cost: sd15=.. sdxl=.. peak_mb_sd15=.. peak_mb_sdxl=..``.
@@ -36,7 +36,8 @@ def build(kind: str):
     bm.torchvision_ops()
     import open_clip.tokenizer
 
-    from lib_ti.encoders import (
+    from lib_ti.parts import ModelParts
+    from lib_ti.text.encoders import (
         EncoderSettings,
         HFClipEncoder,
         OpenClipEncoder,
@@ -44,7 +45,6 @@ def build(kind: str):
         hf_tokenizer_info,
         open_clip_tokenizer_info,
     )
-    from lib_ti.parts import ModelParts
 
     tok = bm.clip_tokenizer()
     l_model = bm.clip_l()
@@ -144,9 +144,9 @@ def trainer_fn(parts, vectors, folder: Path, steps: int, fresh: bool = False):
     """A function running our trainer; with ``fresh`` each call times one full step of a new 1-step run."""
     from PIL import Image
 
-    from lib_ti.data import DataArgs, load_dataset
     from lib_ti.embedding import Embedding
-    from lib_ti.train import TrainArgs, TrainCallbacks, Trainer
+    from lib_ti.training.data import DataArgs, load_dataset
+    from lib_ti.training.trainer import TrainArgs, TrainCallbacks, Trainer
 
     Image.new("RGB", (256, 256), (120, 80, 40)).save(folder / "img.png")
     data = load_dataset(

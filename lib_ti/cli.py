@@ -13,11 +13,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from lib_ti import __version__
-from lib_ti.convert import to_sd1, to_sdxl_l
 from lib_ti.embedding import KIND_LABELS, Embedding
 from lib_ti.errors import TIError
-from lib_ti.formats import read_diffusers_pair, read_embedding, write_embedding
-from lib_ti.inspect import compare, embedding_stats
+from lib_ti.io.convert import to_sd1, to_sdxl_l
+from lib_ti.io.formats import read_diffusers_pair, read_embedding, write_embedding
+from lib_ti.stats import compare, embedding_stats
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2

@@ -12,7 +12,7 @@ import torch
 from lib_ti.embedding import MAX_VECTORS, Embedding
 from lib_ti.errors import TIError
 from lib_ti.names import validate_name
-from lib_ti.vocab import Vocabulary
+from lib_ti.text.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from lib_ti.encoders import PromptEncoder
+from lib_ti.text.encoders import PromptEncoder
 
 Prediction = Literal["eps", "v"]
 ModelKind = Literal["sd1", "sd2", "sdxl"]

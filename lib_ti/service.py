@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from lib_ti.create import CreateArgs, create_embedding
-from lib_ti.data import DataArgs, builtin_templates, load_dataset, load_template
 from lib_ti.embedding import Embedding
 from lib_ti.errors import TIError
-from lib_ti.formats import read_embedding, write_embedding
-from lib_ti.jobs import Job, JobManager
+from lib_ti.io.formats import read_embedding, write_embedding
 from lib_ti.merge import MergeContext, merge_to_embedding
 from lib_ti.names import path_in_folder, validate_name
 from lib_ti.parts import ModelParts
-from lib_ti.train import Progress, TrainArgs, TrainCallbacks, Trainer
+from lib_ti.training.data import DataArgs, builtin_templates, load_dataset, load_template
+from lib_ti.training.jobs import Job, JobManager
+from lib_ti.training.trainer import Progress, TrainArgs, TrainCallbacks, Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class Service:
     def _write_sidecar(emb: Embedding, path: Path) -> None:
         import json
 
-        from lib_ti.atomic import atomic_write_bytes
+        from lib_ti.io.atomic import atomic_write_bytes
 
         version = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sdxl_refiner": "SDXL"}[emb.kind]
         desc = emb.metadata.get("init_text") or emb.metadata.get("merge_expression") or ""
@@ -180,7 +180,7 @@ class Service:
         """Top-k vocabulary tokens of each vector on the loaded model's encoders."""
         from dataclasses import asdict
 
-        from lib_ti.inspect import NearestTokens, nearest_tokens
+        from lib_ti.text.nearest import NearestTokens, nearest_tokens
 
         parts = self.host.build_parts()
         key = (parts.model_hash, tuple(parts.prompt_encoder.keys))
@@ -203,7 +203,7 @@ class Service:
 
     def list_embeddings(self, kind: str | None = None) -> list[str]:
         """Names of the readable embeddings in the folder (only those of ``kind`` when given)."""
-        from lib_ti.formats import list_embedding_files
+        from lib_ti.io.formats import list_embedding_files
 
         names: dict[str, None] = {}
         for p in list_embedding_files(self.folder()):
@@ -226,7 +226,7 @@ class Service:
         """(image file, a prompt it would get) for the first ``count`` images of ``dataset``."""
         import random
 
-        from lib_ti.data import fill_template, read_caption, scan_images
+        from lib_ti.training.data import fill_template, read_caption, scan_images
 
         lines = self._templates(template)
         images, _ = scan_images(dataset)
@@ -274,7 +274,7 @@ class Service:
 
     def _card_preview(self, name: str, image: Path) -> None:
         """The newest preview as ``<name>.preview.<png|webp|jpg>`` beside the embedding (the Extra Networks card)."""
-        from lib_ti.atomic import atomic_write_bytes
+        from lib_ti.io.atomic import atomic_write_bytes
 
         try:
             suffix = image.suffix.lower() if image.suffix.lower() in (".png", ".webp", ".jpg") else ".png"
@@ -286,8 +286,8 @@ class Service:
     # ------------------------------------------------------------------ train
     def check_training(self, req: TrainRequest) -> TrainRequest:
         """Everything that can be checked before a job starts; raises TIError with the reason."""
-        from lib_ti.data import scan_images
-        from lib_ti.schedule import LearningRateSchedule, ScheduleArgs
+        from lib_ti.training.data import scan_images
+        from lib_ti.training.schedule import LearningRateSchedule, ScheduleArgs
 
         req = req.normalized()
         blocked = self.host.training_blocked()
@@ -414,7 +414,7 @@ class Service:
             st.files.append(str(p))
 
         def save_resume(data: bytes) -> None:
-            from lib_ti.atomic import atomic_write_bytes
+            from lib_ti.io.atomic import atomic_write_bytes
 
             atomic_write_bytes(resume_path, data)
 

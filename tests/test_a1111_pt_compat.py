@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lib_ti.embedding import Embedding
-from lib_ti.formats import to_a1111_pt_bytes
+from lib_ti.io.formats import to_a1111_pt_bytes
 
 # modules/safe.py at v1.10.1: the zip record names and globals it allows.
 STOCK_V110_ZIP_NAMES = re.compile(

@@ -11,7 +11,7 @@ import torch
 
 from lib_ti.cli import main
 from lib_ti.embedding import Embedding
-from lib_ti.formats import read_embedding, write_embedding
+from lib_ti.io.formats import read_embedding, write_embedding
 
 from .conftest import ROOT
 

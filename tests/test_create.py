@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from lib_ti.create import CreateArgs, create_embedding, vocab_norm_stats
-from lib_ti.encoders import (
+from lib_ti.errors import InvalidNameError, TIError
+from lib_ti.io.formats import read_embedding, write_embedding
+from lib_ti.text.encoders import (
     EncoderSettings,
     HFClipEncoder,
     OpenClipEncoder,
     hf_tokenizer_info,
     open_clip_tokenizer_info,
 )
-from lib_ti.errors import InvalidNameError, TIError
-from lib_ti.formats import read_embedding, write_embedding
 
 from . import models
 

@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 from torch.nn import functional
 
-from lib_ti.buckets import make_buckets, nearest_bucket, place
-from lib_ti.data import (
+from lib_ti.parts import LatentDist
+from lib_ti.training.buckets import make_buckets, nearest_bucket, place
+from lib_ti.training.data import (
     Batch,
     DataArgs,
     DataError,
@@ -32,7 +33,6 @@ from lib_ti.data import (
     read_caption,
     scan_images,
 )
-from lib_ti.parts import LatentDist
 
 SMALL = {"resolution": 128, "min_bucket": 64, "bucket_step": 64}  # buckets 64..2048 px at 128x128 area
 
@@ -139,7 +139,7 @@ def test_scan_and_skipped_files_are_named(tmp_path, pool, caplog):
     assert sorted(Path(s.split(":")[0]).name for s in skipped) == ["anim.gif", "corrupt.png", "fake.jpg"]
     assert any("not an image" in s for s in skipped)
 
-    with caplog.at_level(logging.WARNING, logger="lib_ti.data"):
+    with caplog.at_level(logging.WARNING, logger="lib_ti.training.data"):
         ds = load_dataset(args_for(root, **SMALL), pool)
     assert [Path(it.path).name for it in ds.items] == [
         "a_rgba.png",

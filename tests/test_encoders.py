@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from lib_ti.encoders import (
+from lib_ti.text.encoders import (
     EncoderSettings,
     HFClipEncoder,
     OpenClipEncoder,

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from lib_ti.embedding import Embedding
 from lib_ti.errors import EmbeddingFormatError, InvalidNameError, UnsafeFileError
-from lib_ti.formats import read_embedding, write_embedding
+from lib_ti.io.formats import read_embedding, write_embedding
 
 
 def good_file(tmp_path, suffix=".safetensors"):
@@ -59,7 +59,7 @@ def test_safetensors_huge_header(tmp_path):
     p.write_bytes(struct.pack("<Q", 2**62) + b"{" + b" " * 32)
     with pytest.raises(EmbeddingFormatError):
         read_embedding(p)
-    from lib_ti.safetensors_io import parse_header
+    from lib_ti.io.safetensors_io import parse_header
 
     with pytest.raises(EmbeddingFormatError, match="more than"):
         parse_header(p.read_bytes(), "huge")
@@ -214,7 +214,7 @@ def test_bad_names_write_nothing(tmp_path, name, suffix):
 def test_failed_write_leaves_old_file_untouched(tmp_path, monkeypatch):
     path = good_file(tmp_path)
     before = path.read_bytes()
-    import lib_ti.formats as formats
+    import lib_ti.io.formats as formats
 
     def boom(emb):
         raise RuntimeError("disk on fire")
@@ -227,7 +227,7 @@ def test_failed_write_leaves_old_file_untouched(tmp_path, monkeypatch):
 
 
 def test_failure_midway_through_write_cleans_temp(tmp_path):
-    from lib_ti.atomic import atomic_write
+    from lib_ti.io.atomic import atomic_write
 
     target = tmp_path / "t.bin"
     target.write_bytes(b"old")

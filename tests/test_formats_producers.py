@@ -11,7 +11,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from safetensors.torch import load_file, save_file
 
-from lib_ti.formats import read_diffusers_pair, read_embedding
+from lib_ti.io.formats import read_diffusers_pair, read_embedding
 
 from .conftest import DATA
 
@@ -174,7 +174,7 @@ def test_images_written_by_real_a1111(fixture, carrier):
 def test_our_border_encoder_matches_a1111_pixel_for_pixel():
     import numpy as np
 
-    from lib_ti.image_data import insert_border_data
+    from lib_ti.io.image_data import insert_border_data
 
     v = load_file(str(REF))["vec"]
     data = {

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lib_ti.embedding import Embedding
-from lib_ti.formats import read_embedding, write_embedding
-from lib_ti.safetensors_io import parse_header
+from lib_ti.io.formats import read_embedding, write_embedding
+from lib_ti.io.safetensors_io import parse_header
 
 KINDS = {
     "sd1": {"clip_l": (3, 768)},

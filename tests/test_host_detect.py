@@ -151,8 +151,8 @@ def test_sd2_is_recognised_when_the_fork_says_is_sd2_false():
 def test_classic_refuses_image_embeddings_in_inspect(tmp_path):
     pytest.importorskip("gradio")
     from lib_ti.embedding import Embedding
-    from lib_ti.formats import write_embedding
     from lib_ti.hostinfo import HostInfo
+    from lib_ti.io.formats import write_embedding
     from lib_ti.ui.inspect_view import InspectHandlers
 
     write_embedding(Embedding("one", {"clip_l": torch.randn(1, 768)}), tmp_path / "one.safetensors")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from lib_ti.embedding import Embedding
-from lib_ti.encoders import open_clip_tokenizer_info
-from lib_ti.inspect import NearestTokens, nearest_tokens
-from lib_ti.vocab import TokenTable
+from lib_ti.text.encoders import open_clip_tokenizer_info
+from lib_ti.text.nearest import NearestTokens, nearest_tokens
+from lib_ti.text.vocab import TokenTable
 
 from . import models
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lib_ti.encoders import open_clip_tokenizer_info
-from lib_ti.prompt import CHUNK_LENGTH, EmbeddingIndex, chunk_prompt, parse_attention, target_token_count
+from lib_ti.text.encoders import open_clip_tokenizer_info
+from lib_ti.text.prompt import CHUNK_LENGTH, EmbeddingIndex, chunk_prompt, parse_attention, target_token_count
 
 from . import models
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from lib_ti.errors import TIError
-from lib_ti.schedule import LearningRateSchedule, ScheduleArgs, ScheduleError, parse_a1111, validate
+from lib_ti.training.schedule import LearningRateSchedule, ScheduleArgs, ScheduleError, parse_a1111, validate
 
 HOST_EXAMPLE = "0.005:100, 1e-3:1000, 1e-5"
 

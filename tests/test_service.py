@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from lib_ti.create import CreateArgs
-from lib_ti.formats import read_embedding
-from lib_ti.jobs import BusyError
+from lib_ti.io.formats import read_embedding
 from lib_ti.service import HostServices, Service, TrainRequest
+from lib_ti.training.jobs import BusyError
 
 from . import train_models as tm
 

@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from lib_ti.create import CreateArgs, create_embedding
-from lib_ti.data import DataArgs, load_dataset
-from lib_ti.formats import read_embedding, write_embedding
-from lib_ti.train import TrainArgs, TrainCallbacks, Trainer, TrainingError
+from lib_ti.io.formats import read_embedding, write_embedding
+from lib_ti.training.data import DataArgs, load_dataset
+from lib_ti.training.trainer import TrainArgs, TrainCallbacks, Trainer, TrainingError
 
 from . import train_models as tm
 

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from lib_ti.embedding import Embedding
-from lib_ti.formats import read_embedding, write_embedding
 from lib_ti.hostinfo import HostInfo
+from lib_ti.io.formats import read_embedding, write_embedding
 from lib_ti.service import HostServices, Service
 
 from . import train_models as tm
@@ -365,8 +365,8 @@ def test_plots():
 
 
 def test_settings_and_recipes():
-    from lib_ti.recipes import RECIPES, recipe_for
     from lib_ti.settings import SETTINGS
+    from lib_ti.training.recipes import RECIPES, recipe_for
 
     keys = [s.key for s in SETTINGS]
     assert all(k.startswith("ti_") for k in keys) and len(keys) == len(set(keys))

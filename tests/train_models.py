@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib_ti.encoders import (
+from lib_ti.parts import LatentDist, ModelParts
+from lib_ti.text.encoders import (
     EncoderSettings,
     HFClipEncoder,
     OpenClipEncoder,
@@ -17,7 +18,6 @@ from lib_ti.encoders import (
     hf_tokenizer_info,
     open_clip_tokenizer_info,
 )
-from lib_ti.parts import LatentDist, ModelParts
 
 from . import models
 

@@ -48,10 +48,10 @@ def gradient_check(prompt: str, name: str) -> dict[str, Any]:
     """One backward pass from the host's UNet to the vectors; reports where gradients went."""
     from modules import shared
 
-    from lib_ti.formats import read_embedding
     from lib_ti.host.a1111_model import build_parts, frozen
     from lib_ti.host.a1111_services import get_service
     from lib_ti.host.checks import one_backward
+    from lib_ti.io.formats import read_embedding
 
     m = shared.sd_model
     parts = build_parts(m)

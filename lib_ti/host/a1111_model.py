@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from lib_ti.encoders import (
+from lib_ti.parts import LatentDist, ModelParts
+from lib_ti.text.encoders import (
     EncoderSettings,
     HFClipEncoder,
     OpenClipEncoder,
@@ -22,7 +23,6 @@ from lib_ti.encoders import (
     hf_tokenizer_info,
     open_clip_tokenizer_info,
 )
-from lib_ti.parts import LatentDist, ModelParts
 
 logger = logging.getLogger(__name__)
 

@@ -57,7 +57,7 @@ def _preview(emb: Embedding, prompt: str, step: int, out_dir: Path) -> str | Non
     from modules import sd_hijack, shared
     from modules.textual_inversion import textual_inversion as ti
 
-    from lib_ti.formats import a1111_data
+    from lib_ti.io.formats import a1111_data
 
     db = sd_hijack.model_hijack.embedding_db
     live = ti.create_embedding_from_data(

@@ -99,11 +99,11 @@ def unet_parity(size: int = 8) -> dict[str, Any]:
 
 def gradient_check(prompt: str, name: str) -> dict[str, Any]:
     """One backward pass from Forge's UNet to the vectors; reports where gradients went."""
-    from lib_ti.formats import read_embedding
     from lib_ti.host import forge
     from lib_ti.host.checks import one_backward
     from lib_ti.host.forge_model import build_parts, load_for_training, normal_weights, training_modules
     from lib_ti.host.forge_services import get_service
+    from lib_ti.io.formats import read_embedding
 
     m = forge.ensure_model()
     load_for_training(m)

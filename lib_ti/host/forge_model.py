@@ -23,9 +23,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from lib_ti.encoders import EncoderSettings, HFClipEncoder, PromptEncoder, PromptSettings, hf_tokenizer_info
 from lib_ti.errors import TIError
 from lib_ti.parts import LatentDist, ModelParts
+from lib_ti.text.encoders import (
+    EncoderSettings,
+    HFClipEncoder,
+    PromptEncoder,
+    PromptSettings,
+    hf_tokenizer_info,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ def _freeze() -> Callable[[], None]:
 
 
 def _preview(emb: Embedding, prompt: str, step: int, out_dir: Path) -> str | None:
-    from lib_ti.formats import a1111_data
+    from lib_ti.io.formats import a1111_data
 
     forge.register_live(a1111_data(emb, with_metadata=False), emb.name)
     try:

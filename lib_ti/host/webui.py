@@ -127,7 +127,7 @@ def txt2img(prompt: str, size: int) -> Any:
 
 def save_preview(emb: Any, image: Any, step: int, out_dir: Path) -> str:
     """Write a preview: PNG with the embedding inside (as A1111 stores it), or webp / jpg (setting)."""
-    from lib_ti.formats import to_png
+    from lib_ti.io.formats import to_png
 
     out_dir.mkdir(parents=True, exist_ok=True)
     fmt = str(get_option("ti_preview_format", "png") or "png")

@@ -16,11 +16,11 @@ from pydantic import BaseModel, create_model
 
 from lib_ti.create import CreateArgs
 from lib_ti.errors import TIError
-from lib_ti.formats import read_embedding
-from lib_ti.inspect import embedding_stats
-from lib_ti.jobs import BusyError
-from lib_ti.library import list_files
+from lib_ti.io.formats import read_embedding
+from lib_ti.io.library import list_files
 from lib_ti.service import Service, TrainRequest
+from lib_ti.stats import embedding_stats
+from lib_ti.training.jobs import BusyError
 
 logger = logging.getLogger(__name__)
 PREFIX = "/ti/v1"

@@ -8,9 +8,9 @@ import gradio as gr
 
 from lib_ti.create import WARN_VECTORS, CreateArgs
 from lib_ti.errors import TIError
-from lib_ti.formats import read_embedding
 from lib_ti.hostinfo import HostInfo
-from lib_ti.recipes import recipe_for
+from lib_ti.io.formats import read_embedding
+from lib_ti.training.recipes import recipe_for
 from lib_ti.ui.common import CHUNK, card_markdown, error_html, get_service, model_error, ok_html, warn_html
 from lib_ti.ui.compat import js_kwargs
 

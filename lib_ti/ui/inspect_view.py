@@ -8,10 +8,12 @@ from typing import Any
 
 import gradio as gr
 
-from lib_ti import library
+from lib_ti.embedding import KIND_LABELS, Embedding
 from lib_ti.errors import TIError
-from lib_ti.formats import read_embedding
 from lib_ti.hostinfo import HostInfo
+from lib_ti.io import library
+from lib_ti.io.formats import read_embedding
+from lib_ti.stats import Comparison, embedding_stats
 from lib_ti.ui.common import NEAREST_HEADERS, nearest_rows
 from lib_ti.ui.compat import file_upload_kwargs, js_kwargs, uploaded_path
 from lib_ti.ui.plots import bar_plot
@@ -32,6 +34,58 @@ Described = tuple[str, list[list[object]], dict[str, Any], str, list[list[object
 
 def _error(e: Exception) -> str:
     return f"<span class='ti-error'>⚠ {html.escape(str(e))}</span>"
+
+
+STATS_HEADERS = ["encoder", "vector", "norm", "min", "max", "mean", "std"]
+COMPARE_HEADERS = ["encoder", "vector", "cosine", "mean |A-B|"]
+
+
+def summary_markdown(emb: Embedding, relpath: str, status: dict[str, str]) -> str:
+    host = status.get(emb.name)
+    host_line = {
+        "loaded": "loaded by the web UI: usable in prompts",
+        "skipped": "skipped by the web UI (made for another model type)",
+    }.get(host or "", "not in the web UI's database")
+    lines = [
+        f"### {emb.name}",
+        f"- file: `{relpath}` ({emb.source})",
+        f"- kind: **{KIND_LABELS[emb.kind]}**, {emb.num_vectors} vector(s) per token",
+        f"- step: {emb.step if emb.step is not None else 'unknown'}",
+        f"- status: {host_line}",
+    ]
+    if emb.sd_checkpoint or emb.sd_checkpoint_name:
+        lines.append(f"- trained on: {emb.sd_checkpoint_name or '?'} [{emb.sd_checkpoint or '?'}]")
+    return "\n".join(lines)
+
+
+def stats_rows(emb: Embedding) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for enc, stats in embedding_stats(emb).items():
+        rows.extend(
+            [
+                enc,
+                s.index,
+                round(s.norm, 4),
+                round(s.min, 4),
+                round(s.max, 4),
+                round(s.mean, 5),
+                round(s.std, 5),
+            ]
+            for s in stats
+        )
+    return rows
+
+
+def compare_rows(result: Comparison) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for part in result.encoders:
+        rows.extend(
+            [part.encoder, i, round(c, 5), round(d, 6)]
+            for i, (c, d) in enumerate(zip(part.cosine, part.mean_abs_diff))
+        )
+        rows.append([part.encoder, "all", "", round(part.mean_abs_diff_all, 6)])
+    rows.append(["overall", "", "", round(result.mean_abs_diff, 6)])
+    return rows
 
 
 class InspectHandlers:
@@ -57,7 +111,7 @@ class InspectHandlers:
         norms = {k: [float(x) for x in v.float().norm(dim=1)] for k, v in emb.vectors.items()}
         return (
             md,
-            library.stats_rows(emb),
+            stats_rows(emb),
             dict(emb.metadata),
             "",
             self._nearest(emb),
@@ -82,7 +136,7 @@ class InspectHandlers:
         except TIError as e:
             return "", [], {}, _error(e), [], ""
         status = self.host.embedding_status()
-        return self._views(emb, library.summary_markdown(emb, relpath, status))
+        return self._views(emb, summary_markdown(emb, relpath, status))
 
     def describe_upload(self, upload: Any) -> Described:
         path = uploaded_path(upload)
@@ -92,13 +146,14 @@ class InspectHandlers:
             emb = read_embedding(path)
         except TIError as e:
             return "", [], {}, _error(e), [], ""
-        return self._views(emb, library.summary_markdown(emb, "(uploaded)", {}))
+        return self._views(emb, summary_markdown(emb, "(uploaded)", {}))
 
     def compare(self, a: str | None, b: str | None) -> tuple[list[list[object]], str]:
         if not a or not b:
             return [], "Choose two embeddings to compare."
         try:
-            result, rows = library.compare_files(self.folder(), a, b)
+            result = library.compare_files(self.folder(), a, b)
+            rows = compare_rows(result)
         except TIError as e:
             return [], _error(e)
         return rows, "; ".join(result.notes)
@@ -154,7 +209,7 @@ def build(host: HostInfo) -> InspectHandlers:
         upload = gr.File(label="…or inspect a file", elem_id="ti_inspect_upload", **file_upload_kwargs())
     status = gr.Markdown(f"{len(choices)} file(s) in `{h.folder()}`", elem_id="ti_inspect_status")
     summary = gr.Markdown(elem_id="ti_inspect_summary")
-    table = gr.Dataframe(headers=library.STATS_HEADERS, interactive=False, elem_id="ti_inspect_table")
+    table = gr.Dataframe(headers=STATS_HEADERS, interactive=False, elem_id="ti_inspect_table")
     norms = gr.HTML(elem_id="ti_inspect_norms")
     nearest = gr.Dataframe(headers=NEAREST_HEADERS, interactive=False, elem_id="ti_inspect_nearest")
     with gr.Accordion("Metadata", open=False):
@@ -164,7 +219,7 @@ def build(host: HostInfo) -> InspectHandlers:
         compare_btn = gr.Button("Compare", elem_id="ti_inspect_compare")
         compare_note = gr.Markdown(elem_id="ti_inspect_compare_note")
         compare_table = gr.Dataframe(
-            headers=library.COMPARE_HEADERS, interactive=False, elem_id="ti_inspect_compare_table"
+            headers=COMPARE_HEADERS, interactive=False, elem_id="ti_inspect_compare_table"
         )
     with gr.Accordion("Convert and save as", open=False):
         with gr.Row():

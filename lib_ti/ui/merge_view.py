@@ -9,8 +9,8 @@ import gradio as gr
 
 from lib_ti.embedding import KIND_LABELS
 from lib_ti.errors import TIError
-from lib_ti.formats import read_embedding
 from lib_ti.hostinfo import HostInfo
+from lib_ti.io.formats import read_embedding
 from lib_ti.ui.common import (
     NEAREST_HEADERS,
     card_markdown,

@@ -14,8 +14,8 @@ import gradio as gr
 
 from lib_ti.errors import TIError
 from lib_ti.hostinfo import HostInfo
-from lib_ti.recipes import Recipe, recipe_for
-from lib_ti.schedule import LearningRateSchedule, ScheduleArgs, ScheduleError
+from lib_ti.training.recipes import Recipe, recipe_for
+from lib_ti.training.schedule import LearningRateSchedule, ScheduleArgs, ScheduleError
 from lib_ti.ui.common import error_html, get_service, model_error, ok_html
 from lib_ti.ui.compat import js_kwargs
 from lib_ti.ui.plots import line_plot, smooth

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from lib_ti.embedding import Embedding
-from lib_ti.formats import write_embedding
+from lib_ti.io.formats import write_embedding
 
 SEEDED = {
     "ti-sd1.safetensors": "sd1",

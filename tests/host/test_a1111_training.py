@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from lib_ti.formats import read_embedding
+from lib_ti.io.formats import read_embedding
 
 pytestmark = pytest.mark.host
 

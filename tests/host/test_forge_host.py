@@ -16,7 +16,7 @@ import time
 import pytest
 from PIL import Image
 
-from lib_ti.formats import read_embedding
+from lib_ti.io.formats import read_embedding
 
 from .test_a1111_training import PROMPTS, wait_job
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lib_ti.formats import read_embedding
+from lib_ti.io.formats import read_embedding
 
 from ..conftest import ROOT
 

@@ -1,7 +1,7 @@
 """Training data: images, captions, prompt templates, aspect buckets and the cached latents.
 
 :func:`load_dataset` scans a folder (sub-folders too), fits every image to an aspect bucket
-(:mod:`lib_ti.buckets`), encodes it once per bucket batch through the model's image encoder and keeps
+(:mod:`lib_ti.training.buckets`), encodes it once per bucket batch through the model's image encoder and keeps
 the latents (mean and std) on the CPU, optionally also in a disk cache. The trainer then asks the
 :class:`Dataset` for a data order per epoch (:meth:`Dataset.epoch_order`) and for batches
 (:meth:`Dataset.make_batch`); both depend only on the random generators passed in, so a resumed run
@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from lib_ti.atomic import atomic_write_bytes
-from lib_ti.buckets import Placement, Size, make_buckets, nearest_bucket, place
 from lib_ti.errors import TIError
+from lib_ti.io.atomic import atomic_write_bytes
+from lib_ti.io.safetensors_io import load_bytes, save_bytes
 from lib_ti.parts import EncodeImageFn, LatentDist
-from lib_ti.safetensors_io import load_bytes, save_bytes
+from lib_ti.training.buckets import Placement, Size, make_buckets, nearest_bucket, place
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ _OTHER_IMAGE_EXTENSIONS = (".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".
 _FORMATS = {"PNG", "JPEG", "MPO", "WEBP"}
 NAME = "[name]"
 FILEWORDS = "[filewords]"
-TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "templates"
+TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
 _NUMBERS_AT_START = re.compile(r"^[-\d]+\s*")  # A1111's re_numbers_at_start
 _CACHE_VERSION = 1
 _EXIF_ORIENTATION = 0x0112

@@ -8,18 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from lib_ti.convert import to_sd1, to_sdxl_l
-from lib_ti.embedding import KIND_LABELS, Embedding
 from lib_ti.errors import EmbeddingFormatError, TIError
-from lib_ti.formats import format_for_path, list_embedding_files, read_embedding, write_embedding
-from lib_ti.inspect import Comparison, compare, embedding_stats
+from lib_ti.io.convert import to_sd1, to_sdxl_l
+from lib_ti.io.formats import format_for_path, list_embedding_files, read_embedding, write_embedding
 from lib_ti.names import path_in_folder
+from lib_ti.stats import Comparison, compare
 
 logger = logging.getLogger(__name__)
 
 ConvertTarget = Literal["same", "sd1", "sdxl_g_from_other", "sdxl_g_zeros"]
-STATS_HEADERS = ["encoder", "vector", "norm", "min", "max", "mean", "std"]
-COMPARE_HEADERS = ["encoder", "vector", "cosine", "mean |A-B|"]
 
 
 @dataclass
@@ -47,57 +44,8 @@ def resolve(folder: str | os.PathLike[str], relpath: str) -> Path:
     return p
 
 
-def summary_markdown(emb: Embedding, relpath: str, status: dict[str, str]) -> str:
-    host = status.get(emb.name)
-    host_line = {
-        "loaded": "loaded by the web UI: usable in prompts",
-        "skipped": "skipped by the web UI (made for another model type)",
-    }.get(host or "", "not in the web UI's database")
-    lines = [
-        f"### {emb.name}",
-        f"- file: `{relpath}` ({emb.source})",
-        f"- kind: **{KIND_LABELS[emb.kind]}**, {emb.num_vectors} vector(s) per token",
-        f"- step: {emb.step if emb.step is not None else 'unknown'}",
-        f"- status: {host_line}",
-    ]
-    if emb.sd_checkpoint or emb.sd_checkpoint_name:
-        lines.append(f"- trained on: {emb.sd_checkpoint_name or '?'} [{emb.sd_checkpoint or '?'}]")
-    return "\n".join(lines)
-
-
-def stats_rows(emb: Embedding) -> list[list[object]]:
-    rows: list[list[object]] = []
-    for enc, stats in embedding_stats(emb).items():
-        rows.extend(
-            [
-                enc,
-                s.index,
-                round(s.norm, 4),
-                round(s.min, 4),
-                round(s.max, 4),
-                round(s.mean, 5),
-                round(s.std, 5),
-            ]
-            for s in stats
-        )
-    return rows
-
-
-def compare_rows(result: Comparison) -> list[list[object]]:
-    rows: list[list[object]] = []
-    for part in result.encoders:
-        rows.extend(
-            [part.encoder, i, round(c, 5), round(d, 6)]
-            for i, (c, d) in enumerate(zip(part.cosine, part.mean_abs_diff))
-        )
-        rows.append([part.encoder, "all", "", round(part.mean_abs_diff_all, 6)])
-    rows.append(["overall", "", "", round(result.mean_abs_diff, 6)])
-    return rows
-
-
-def compare_files(folder: str | os.PathLike[str], a: str, b: str) -> tuple[Comparison, list[list[object]]]:
-    result = compare(read_embedding(resolve(folder, a)), read_embedding(resolve(folder, b)))
-    return result, compare_rows(result)
+def compare_files(folder: str | os.PathLike[str], a: str, b: str) -> Comparison:
+    return compare(read_embedding(resolve(folder, a)), read_embedding(resolve(folder, b)))
 
 
 def convert_and_save(

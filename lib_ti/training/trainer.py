@@ -26,9 +26,9 @@ import torch
 from lib_ti import __version__
 from lib_ti.embedding import Embedding
 from lib_ti.errors import TIError
+from lib_ti.io.safetensors_io import load_bytes, save_bytes
 from lib_ti.parts import ModelParts
-from lib_ti.safetensors_io import load_bytes, save_bytes
-from lib_ti.schedule import LearningRateSchedule, ScheduleArgs
+from lib_ti.training.schedule import LearningRateSchedule, ScheduleArgs
 
 logger = logging.getLogger(__name__)
 

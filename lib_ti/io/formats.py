@@ -22,10 +22,10 @@ from typing import Any, Literal
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from lib_ti import image_data, safe_pickle, safetensors_io
-from lib_ti.atomic import atomic_write, atomic_write_bytes
 from lib_ti.embedding import Embedding, encoder_for_width
 from lib_ti.errors import EmbeddingFormatError
+from lib_ti.io import image_data, safe_pickle, safetensors_io
+from lib_ti.io.atomic import atomic_write, atomic_write_bytes
 from lib_ti.names import validate_name
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from typing import Protocol
 
 import torch
 
-from lib_ti.prompt import TokenizerInfo
+from lib_ti.text.prompt import TokenizerInfo
 
 
 class Vocabulary(Protocol):

@@ -23,8 +23,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lib_ti.prompt import Chunk, EmbeddingIndex, TokenizerInfo, chunk_prompt, empty_chunk
-from lib_ti.vocab import bpe_to_text
+from lib_ti.text.prompt import Chunk, EmbeddingIndex, TokenizerInfo, chunk_prompt, empty_chunk
+from lib_ti.text.vocab import bpe_to_text
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Embedding files: formats, safe unpickling, safetensors, embeddings in images, atomic writes, conversion."""

@@ -1,0 +1,1 @@
+"""Text encoding with spliced vectors, prompt chunking, vocabulary and nearest tokens."""

@@ -1,0 +1,1 @@
+"""Training: trainer, dataset, captions, latent cache, buckets, schedules, recipes, jobs."""
