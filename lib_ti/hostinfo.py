@@ -1,10 +1,16 @@
-"""What the UI needs from the host, as plain callables (built by ``lib_ti.host``; faked in tests)."""
+"""The host as plain callables, built by ``lib_ti.host`` (faked in tests): what the service and the UI need."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lib_ti.embedding import Embedding
+    from lib_ti.parts import ModelParts
 
 
 def _no_status() -> dict[str, str]:
@@ -33,4 +39,40 @@ class HostInfo:
     gradio_major: int = 3
     #: the :class:`lib_ti.service.Service` for create, merge and train (None: those tabs explain why)
     service: Callable[[], Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class HostServices:
+    """The host as the service sees it."""
+
+    embeddings_dir: Callable[[], str]
+    log_dir: Callable[[], str]
+    #: ModelParts of the loaded model (built at each use; never kept across a model load)
+    build_parts: Callable[[], ModelParts]
+    #: hot reload after any write to the embeddings folder
+    reload_embeddings: Callable[[], None]
+    #: the host's GPU lock (no generation overlaps a training run)
+    exclusive: Callable[[], AbstractContextManager[Any]] = nullcontext
+    #: freeze the model's weights for training; returns a function that restores them
+    freeze_model: Callable[[], Callable[[], None]] = lambda: lambda: None
+    #: host progress: begin(job title, total steps), update(step, text), end()
+    progress_begin: Callable[[str, int, str], None] = lambda title, total, task_id: None
+    progress_update: Callable[[int, str], None] = lambda step, text: None
+    progress_end: Callable[[str], None] = lambda task_id: None
+    #: the host's own Interrupt button
+    interrupted: Callable[[], bool] = lambda: False
+    #: make a preview image with the host's sampler: (embedding, prompt, step, out_dir) -> file
+    preview: Callable[[Embedding, str, int, Path], str | None] | None = None
+    save_format: Callable[[], str] = lambda: "safetensors"
+    #: move the image encoder (VAE) off the GPU once latents are cached; returns a function that restores it
+    release_image_encoder: Callable[[], Callable[[], None]] = lambda: lambda: None
+    #: {embedding name: "loaded" | "skipped"} from the host's database
+    embedding_status: Callable[[], dict[str, str]] = dict
+    #: the host's settings (``ti_`` keys): (key, default) -> value
+    get_option: Callable[[str, Any], Any] = lambda key, default: default
+    #: why this host cannot train (None: it can); checked before a job starts
+    training_blocked: Callable[[], str | None] = lambda: None
+    #: a UI task id is waiting for the GPU lock (the host's progress bar shows it as queued)
+    progress_queued: Callable[[str], None] = lambda task_id: None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -63,7 +63,8 @@ def test_exists_survives_missing_parents():
 
 def test_training_is_refused_on_reforge_and_classic_before_anything_starts(tmp_path):
     from lib_ti.host.detect import training_blocked
-    from lib_ti.service import HostServices, Service, TrainRequest
+    from lib_ti.hostinfo import HostServices
+    from lib_ti.service import Service, TrainRequest
 
     assert training_blocked("a1111") is None
     for host, label in (("reforge", "reForge"), ("classic", "Forge Classic")):

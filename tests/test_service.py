@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from lib_ti.create import CreateArgs
+from lib_ti.hostinfo import HostServices
 from lib_ti.io.formats import read_embedding
-from lib_ti.service import HostServices, Service, TrainRequest
+from lib_ti.service import Service, TrainRequest
 from lib_ti.training.jobs import BusyError
 
 from . import train_models as tm

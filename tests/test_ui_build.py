@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from lib_ti.embedding import Embedding
-from lib_ti.hostinfo import HostInfo
+from lib_ti.hostinfo import HostInfo, HostServices
 from lib_ti.io.formats import read_embedding, write_embedding
-from lib_ti.service import HostServices, Service
+from lib_ti.service import Service
 
 from . import train_models as tm
 

@@ -10,7 +10,7 @@ from lib_ti.embedding import Embedding
 from lib_ti.host import a1111, webui
 from lib_ti.host.a1111_model import build_parts, frozen
 from lib_ti.host.detect import training_blocked
-from lib_ti.service import HostServices
+from lib_ti.hostinfo import HostServices
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from lib_ti.embedding import Embedding
 from lib_ti.host import forge, forge_model, webui
-from lib_ti.service import HostServices
+from lib_ti.hostinfo import HostServices
 
 logger = logging.getLogger(__name__)
 

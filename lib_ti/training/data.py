@@ -29,7 +29,6 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -40,6 +39,7 @@ from lib_ti.io.atomic import atomic_write_bytes
 from lib_ti.io.safetensors_io import load_bytes, save_bytes
 from lib_ti.parts import EncodeImageFn, LatentDist
 from lib_ti.training.buckets import Placement, Size, make_buckets, nearest_bucket, place
+from lib_ti.training.options import LatentSampling
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class DataArgs:
     #: with shuffle or dropout, the first K tags stay in place and are never dropped
     keep_tags: int = 0
     tag_dropout: float = 0.0
-    latent_sampling: Literal["deterministic", "random"] = "deterministic"
+    latent_sampling: LatentSampling = "deterministic"
     caption_extension: str = ".txt"
     filename_word_regex: str = ""
     filename_join: str = " "

@@ -53,11 +53,11 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import Literal
 
 from lib_ti.errors import TIError
+from lib_ti.training.options import LrShape
 
-Shape = Literal["constant", "cosine", "linear"]
+Shape = LrShape
 SHAPES: tuple[str, ...] = ("constant", "cosine", "linear")
 _LABEL = "learning rate schedule"
 _EXAMPLE = '5e-3 or "0.005:100, 1e-3:1000, 1e-5"'

@@ -28,11 +28,11 @@ from lib_ti.embedding import Embedding
 from lib_ti.errors import TIError
 from lib_ti.io.safetensors_io import load_bytes, save_bytes
 from lib_ti.parts import ModelParts
+from lib_ti.training.options import LrShape, NormControl, Optimizer
 from lib_ti.training.schedule import LearningRateSchedule, ScheduleArgs
 
 logger = logging.getLogger(__name__)
 
-NormControl = Literal["off", "soft", "hard"]
 Status = Literal["finished", "stopped", "early_stopped", "failed", "model_changed"]
 
 
@@ -46,10 +46,10 @@ class TrainArgs:
     batch_size: int = 1
     grad_accum: int = 1
     lr: str = "5e-3"
-    lr_shape: Literal["constant", "cosine", "linear"] = "constant"
+    lr_shape: LrShape = "constant"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
-    optimizer: Literal["adamw", "adam"] = "adamw"
+    optimizer: Optimizer = "adamw"
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
