@@ -1,4 +1,8 @@
-"""The host as plain callables, built by ``lib_ti.host`` (faked in tests): what the service and the UI need."""
+"""The host as plain callables, built by a ``lib_ti.host`` adapter (faked in tests).
+
+:class:`HostServices` is what the service needs; :class:`HostInfo` is the UI's smaller view. The fields
+they share come from one HostServices (:meth:`HostInfo.from_services`), so an adapter writes them once.
+"""
 
 from __future__ import annotations
 
@@ -40,6 +44,28 @@ class HostInfo:
     #: the :class:`lib_ti.service.Service` for create, merge and train (None: those tabs explain why)
     service: Callable[[], Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_services(
+        cls,
+        name: str,
+        services: HostServices,
+        *,
+        service: Callable[[], Any] | None = None,
+        gradio_major: int = 3,
+        extra: dict[str, Any] | None = None,
+    ) -> HostInfo:
+        """The UI's view of the host that ``services`` describes."""
+        return cls(
+            name=name,
+            embeddings_dir=services.embeddings_dir,
+            embedding_status=services.embedding_status,
+            reload_embeddings=services.reload_embeddings,
+            get_option=services.get_option,
+            gradio_major=gradio_major,
+            service=service,
+            extra=dict(extra or {}),
+        )
 
 
 @dataclass

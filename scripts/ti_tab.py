@@ -1,37 +1,52 @@
-"""Entry point the web UI imports: registers the tab, the settings and the API routes, nothing else."""
+"""Entry point the web UI imports, and the composition root: picks the host adapter, registers the tab,
+the settings and the API routes, nothing else."""
 
 from __future__ import annotations
+
+import os
 
 from modules import script_callbacks
 
 from lib_ti import __version__
-from lib_ti.host import webui
-from lib_ti.host.detect import host_name
+from lib_ti.host.adapter import get_service
+from lib_ti.host.detect import detect_adapter
+from lib_ti.ui import settings
+from lib_ti.ui.api import add_routes
+from lib_ti.ui.compat import gradio_major
 from lib_ti.ui.tab import on_ui_tabs
 
-_HOST = host_name()
+ADAPTER = detect_adapter()
 
-if _HOST == "forge":
-    from lib_ti.host import forge as adapter
-    from lib_ti.host import forge_services as services
-else:
-    from lib_ti.host import a1111 as adapter
-    from lib_ti.host import a1111_services as services
+
+def _service():
+    return get_service(ADAPTER)
 
 
 def _ui_tabs():
-    return on_ui_tabs(adapter.host_info(_HOST))
+    return on_ui_tabs(ADAPTER.host_info(_service, gradio_major()))
+
+
+def _ui_settings():
+    settings.register(ADAPTER.add_option)
 
 
 def _app_started(_demo, app):
-    services.add_api_routes(app)
+    ADAPTER.on_app_started(app)
+    if getattr(app.state, "lib_ti_routes", False):  # once per app (Reload UI calls this again)
+        return
+    service = _service()
+    add_routes(app, service, ADAPTER.api_auth())
+    if os.environ.get("LIB_TI_HOST_CHECKS") == "1":  # the real-host tests' self-checks only
+        ADAPTER.add_check_routes(app, service)
+    app.state.lib_ti_routes = True
 
 
 # Positional registration only: Forge Classic's on_* take no name= keyword.
 script_callbacks.on_ui_tabs(_ui_tabs)
-script_callbacks.on_ui_settings(webui.register_settings)
+script_callbacks.on_ui_settings(_ui_settings)
 script_callbacks.on_app_started(_app_started)
-if _HOST != "forge":  # Forge builds new engines (which read the folder) at every model load
-    script_callbacks.on_model_loaded(adapter.on_model_loaded)
+_on_model_loaded = ADAPTER.model_loaded_hook()
+if _on_model_loaded is not None:
+    script_callbacks.on_model_loaded(_on_model_loaded)
 
-print(f"[-] Textual Inversion tab (lib_ti {__version__}) loaded on {_HOST}.")  # noqa: T201
+print(f"[-] Textual Inversion tab (lib_ti {__version__}) loaded on {ADAPTER.name}.")  # noqa: T201

@@ -109,5 +109,25 @@ def test_remember_api_finds_the_hosts_api_object():
     app = fastapi.FastAPI()
     app.add_api_route("/sdapi/v1/embeddings", api.get_embeddings, methods=["GET"])
     forge._API.clear()
-    forge.remember_api(app)
+    forge.ForgeAdapter().on_app_started(app)
     assert forge._API["api"] is api
+
+
+def test_forge_gpu_lock_marks_the_holding_thread(monkeypatch):
+    """Forge's load under the lock must not take the (non re-entrant) lock again in the same thread."""
+    import threading
+
+    from lib_ti.host import forge, webui
+
+    lock = threading.Lock()
+    monkeypatch.setattr(webui, "exclusive", lambda: lock)
+    exclusive = forge.ForgeAdapter().host_services().exclusive
+    assert not getattr(forge.GPU_LOCK, "holding", False)
+    with exclusive():
+        assert lock.locked() and forge.GPU_LOCK.holding
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(getattr(forge.GPU_LOCK, "holding", False)))
+        t.start()
+        t.join()
+        assert seen == [False]  # thread-local: only the training thread holds it
+    assert not lock.locked() and not forge.GPU_LOCK.holding

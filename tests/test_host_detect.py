@@ -50,10 +50,31 @@ def _fake_callbacks(monkeypatch, take_name: bool) -> None:
     ],
 )
 def test_host_name(monkeypatch, present, take_name, expected):
+    from lib_ti.host.adapter import HostAdapter
+
     monkeypatch.setattr(detect, "_exists", lambda name: name in present)
     _fake_callbacks(monkeypatch, take_name)
     assert detect.host_name() == expected
     assert detect.is_a1111_style(expected) == (expected != "forge")
+    adapter = detect.detect_adapter()
+    assert isinstance(adapter, HostAdapter) and adapter.name == expected
+    # Forge builds new engines (which read the folder) at every model load: no hook there
+    assert (adapter.model_loaded_hook() is None) == (expected == "forge")
+
+
+def test_every_adapter_provides_the_interface():
+    from lib_ti.host.adapter import HostAdapter
+    from lib_ti.hostinfo import HostInfo, HostServices
+
+    for name, cls in detect.ADAPTERS.items():
+        adapter = cls()
+        assert isinstance(adapter, HostAdapter) and adapter.name == name
+        services = adapter.host_services()
+        assert isinstance(services, HostServices)
+        info = adapter.host_info(None, 4)
+        assert isinstance(info, HostInfo) and (info.name, info.gradio_major, info.service) == (name, 4, None)
+        assert info.embeddings_dir == services.embeddings_dir  # one source for the shared fields
+        assert info.extra.get("image_embeddings", True) == (name != "classic")
 
 
 def test_exists_survives_missing_parents():
@@ -62,13 +83,14 @@ def test_exists_survives_missing_parents():
 
 
 def test_training_is_refused_on_reforge_and_classic_before_anything_starts(tmp_path):
-    from lib_ti.host.detect import training_blocked
     from lib_ti.hostinfo import HostServices
-    from lib_ti.service import Service, TrainRequest
+    from lib_ti.service import Service
+    from lib_ti.training.options import TrainRequest
 
-    assert training_blocked("a1111") is None
+    assert detect.ADAPTERS["a1111"]().host_services().training_blocked() is None
+    assert detect.ADAPTERS["forge"]().host_services().training_blocked() is None
     for host, label in (("reforge", "reForge"), ("classic", "Forge Classic")):
-        msg = training_blocked(host)
+        msg = detect.ADAPTERS[host]().host_services().training_blocked()
         assert msg and label in msg and "train on AUTOMATIC1111 or Forge" in msg
         service = Service(
             HostServices(

@@ -1,21 +1,36 @@
-"""AUTOMATIC1111 v1.10 (and A1111-style forks): folders, the embedding database, settings."""
+"""The adapter for AUTOMATIC1111 v1.10 and its A1111-style forks (reForge, Forge Classic).
+
+They keep one embedding database (``sd_hijack.model_hijack.embedding_db``); the GPU lock, progress and
+settings are :mod:`lib_ti.host.webui`'s. reForge and Forge Classic read and write embeddings here but
+refuse training (not verified there).
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
 
-from modules import sd_hijack, sd_models
-
-from lib_ti.host import webui
-from lib_ti.host.webui import embeddings_dir, get_option, register_settings
-from lib_ti.hostinfo import HostInfo
+from lib_ti.embedding import Embedding
+from lib_ti.host import a1111_checks, webui
+from lib_ti.host.a1111_model import build_parts, frozen
+from lib_ti.hostinfo import HostServices
+from lib_ti.io.formats import a1111_data
 
 logger = logging.getLogger(__name__)
 
 
 def _db() -> Any:
+    from modules import sd_hijack
+
     return sd_hijack.model_hijack.embedding_db
+
+
+def _model() -> Any:
+    from modules import shared
+
+    return shared.sd_model
 
 
 def embedding_status() -> dict[str, str]:
@@ -31,23 +46,12 @@ def reload_embeddings() -> None:
     Needs a loaded model (the database tokenizes names with it); without one the host loads the
     folder itself when the model loads.
     """
+    from modules import sd_models
+
     if sd_models.model_data.sd_model is None:
         logger.info("no model loaded yet; embeddings will be read when it loads")
         return
     _db().load_textual_inversion_embeddings(force_reload=True)
-
-
-def host_info(name: str = "a1111") -> HostInfo:
-    # Forge Classic refuses embeddings stored in images (its loader raises for .png/.webp)
-    return webui.host_info(
-        name, embedding_status, reload_embeddings, _service, image_embeddings=name != "classic"
-    )
-
-
-def _service() -> Any:
-    from lib_ti.host.a1111_services import get_service
-
-    return get_service()
 
 
 def on_model_loaded(sd_model: Any) -> None:
@@ -67,5 +71,96 @@ def on_model_loaded(sd_model: Any) -> None:
         db.load_textual_inversion_embeddings(force_reload=True)
 
 
-__all__ = ["embedding_status", "embeddings_dir", "get_option", "host_info", "on_model_loaded", "register_settings",
-           "reload_embeddings"]  # fmt: skip
+def _parts() -> Any:
+    return build_parts(_model())
+
+
+def _freeze() -> Callable[[], None]:
+    changed = frozen(_model())
+
+    def restore() -> None:
+        for p in changed:
+            p.requires_grad_(True)
+
+    return restore
+
+
+def _release_vae() -> Callable[[], None]:
+    """On a GPU, move the VAE to the CPU while training (latents are cached); put it back after."""
+    vae = getattr(_model(), "first_stage_model", None)
+    if vae is None:
+        return lambda: None
+    device = next(vae.parameters()).device
+    if device.type == "cpu":
+        return lambda: None
+    vae.to("cpu")
+
+    def restore() -> None:
+        vae.to(device)
+
+    return restore
+
+
+def _preview(emb: Embedding, prompt: str, step: int, out_dir: Path) -> str | None:
+    """A txt2img image through the host's own pipeline, with the current vectors registered in memory."""
+    from modules.textual_inversion import textual_inversion as ti
+
+    db = _db()
+    live = ti.create_embedding_from_data(
+        a1111_data(emb, with_metadata=False), emb.name, filename=f"{emb.name}.preview"
+    )
+    db.register_embedding(live, _model())
+    try:
+        image = webui.txt2img(prompt, webui.preview_size(emb.kind))
+    finally:
+        db.load_textual_inversion_embeddings(force_reload=True)
+    return webui.save_preview(emb, image, step, out_dir) if image is not None else None
+
+
+def training_refusal(label: str) -> str:
+    """Why a fork that shares this adapter cannot train (checked before a job starts)."""
+    return (
+        f"training is not available on {label} yet: its sampling leaves the model's weights as inference "
+        "tensors, its VAE encode returns no distribution, and no test host was available to verify the "
+        "adapter there. Create, merge and inspect work here; train on AUTOMATIC1111 or Forge."
+    )
+
+
+class A1111Adapter(webui.WebUIAdapter):
+    name: ClassVar[str] = "a1111"
+    #: the fork's name in messages when it cannot train (None: it trains)
+    no_training: ClassVar[str | None] = None
+
+    def host_services(self) -> HostServices:
+        refusal = training_refusal(self.no_training) if self.no_training else None
+        return HostServices(
+            **webui.common_services(),
+            build_parts=_parts,
+            reload_embeddings=reload_embeddings,
+            freeze_model=_freeze,
+            preview=_preview,
+            embedding_status=embedding_status,
+            release_image_encoder=_release_vae,
+            training_blocked=lambda: refusal,
+        )
+
+    def add_check_routes(self, app: Any, service: Any) -> None:
+        a1111_checks.add_check_routes(app, service, _model, _db)
+
+    def model_loaded_hook(self) -> Callable[[Any], None] | None:
+        return on_model_loaded
+
+
+class ReForgeAdapter(A1111Adapter):
+    """Panchovix's reForge: A1111's database, ldm_patched text encoders (see :mod:`.a1111_model`)."""
+
+    name: ClassVar[str] = "reforge"
+    no_training: ClassVar[str | None] = "reForge"
+
+
+class ClassicAdapter(A1111Adapter):
+    """Haoming02's Forge Classic: like reForge, and its loader refuses embeddings stored in images."""
+
+    name: ClassVar[str] = "classic"
+    no_training: ClassVar[str | None] = "Forge Classic"
+    info_extra: ClassVar[dict[str, Any]] = {"image_embeddings": False}

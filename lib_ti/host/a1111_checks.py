@@ -1,26 +1,28 @@
 """Self-checks against the host's own code paths, for the real-host tests.
 
 Registered only when the environment variable ``LIB_TI_HOST_CHECKS=1`` is set (never in normal use).
+The adapter passes in the service and how to reach the model and the embedding database.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from lib_ti.host import checks
+from lib_ti.host.a1111_model import build_parts, frozen
+from lib_ti.io.formats import read_embedding
 
-def conditioning_parity(prompt: str, name: str | None) -> dict[str, Any]:
-    """Our conditioning for ``prompt`` against ``shared.sd_model.get_learned_conditioning``."""
-    from modules import devices, sd_hijack, shared
 
-    from lib_ti.host.a1111_model import build_parts
+def conditioning_parity(m: Any, db: Any, prompt: str, name: str | None) -> dict[str, Any]:
+    """Our conditioning for ``prompt`` against the host model ``m``'s ``get_learned_conditioning``."""
+    from modules import devices
 
-    m = shared.sd_model
     parts = build_parts(m)
     embeddings = {}
     if name:
-        db = sd_hijack.model_hijack.embedding_db
         emb = db.word_embeddings[name]
         vec = emb.vec if isinstance(emb.vec, dict) else {parts.prompt_encoder.keys[0]: emb.vec}
         embeddings[name] = {k: v.detach().float() for k, v in vec.items() if k in parts.prompt_encoder.keys}
@@ -44,21 +46,12 @@ def conditioning_parity(prompt: str, name: str | None) -> dict[str, Any]:
     return out
 
 
-def gradient_check(prompt: str, name: str) -> dict[str, Any]:
-    """One backward pass from the host's UNet to the vectors; reports where gradients went."""
-    from modules import shared
-
-    from lib_ti.host.a1111_model import build_parts, frozen
-    from lib_ti.host.a1111_services import get_service
-    from lib_ti.host.checks import one_backward
-    from lib_ti.io.formats import read_embedding
-
-    m = shared.sd_model
+def gradient_check(m: Any, vectors: dict[str, torch.Tensor], prompt: str, name: str) -> dict[str, Any]:
+    """One backward pass from the host model ``m``'s UNet to ``vectors``; reports where gradients went."""
     parts = build_parts(m)
     changed = frozen(m)
     try:
-        emb = read_embedding(get_service().find_embedding_file(name))
-        out = one_backward(parts, prompt, name, emb.vectors, 64)
+        out = checks.one_backward(parts, prompt, name, vectors, 64)
         out["weights_with_grad"] = sum(1 for p in m.parameters() if p.grad is not None)
     finally:
         for p in changed:
@@ -67,7 +60,14 @@ def gradient_check(prompt: str, name: str) -> dict[str, Any]:
     return out
 
 
-def add_check_routes(app: Any) -> None:
-    from lib_ti.host.checks import add_routes
+def add_check_routes(app: Any, service: Any, model: Callable[[], Any], db: Callable[[], Any]) -> None:
+    """The parity and gradient routes over the loaded ``model()`` and the embedding database ``db()``."""
 
-    add_routes(app, conditioning_parity, gradient_check)
+    def parity(prompt: str, name: str | None) -> dict[str, Any]:
+        return conditioning_parity(model(), db(), prompt, name)
+
+    def gradient(prompt: str, name: str) -> dict[str, Any]:
+        vectors = read_embedding(service.find_embedding_file(name)).vectors
+        return gradient_check(model(), vectors, prompt, name)
+
+    checks.add_routes(app, parity, gradient)

@@ -108,7 +108,7 @@ def _ldm_patched(
 ) -> TextEncoder:
     """reForge and Forge Classic give SD2's CLIP-H and SDXL's CLIP-G as a transformers CLIPTextModel in
     ``wrapped.transformer`` with an HF tokenizer and ``wrapped.text_projection``. Used for token lookups
-    (create, merge, nearest tokens); training is refused on those hosts (see detect.training_blocked)."""
+    (create, merge, nearest tokens); training is refused on those hosts (see ``a1111.ReForgeAdapter``)."""
     n_layers = len(wrapped.transformer.text_model.encoder.layers)
     settings = EncoderSettings(
         skip=_skip_for_hidden_index(n_layers, hidden_index), final_norm=final_norm, pooled=pooled, id_pad=0

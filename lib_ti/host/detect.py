@@ -1,4 +1,4 @@
-"""Which host is running, decided in one place.
+"""Which host is running, and its adapter, decided in one place.
 
 - ``forge``: lllyasviel's Forge (Forge2 backend; also Forge Neo): ``backend.text_processing`` exists;
   the Forge adapter is used (per-engine embedding databases, inference-mode weights).
@@ -7,6 +7,8 @@
   their text encoders are ldm_patched modules (see :mod:`lib_ti.host.a1111_model`). Classic's
   ``script_callbacks.on_*`` take no ``name=`` keyword (its older API), which tells the two apart.
 - ``a1111``: everything else.
+
+A new host is one adapter module plus its lines here (:func:`host_name` and :data:`ADAPTERS`).
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ import inspect
 import logging
 from typing import Literal
 
+from lib_ti.host.a1111 import A1111Adapter, ClassicAdapter, ReForgeAdapter
+from lib_ti.host.adapter import HostAdapter
+from lib_ti.host.forge import ForgeAdapter
+
 logger = logging.getLogger(__name__)
 
 HostName = Literal["a1111", "forge", "reforge", "classic"]
-
-LABELS = {"a1111": "AUTOMATIC1111", "forge": "Forge", "reforge": "reForge", "classic": "Forge Classic"}
 
 
 def _exists(module: str) -> bool:
@@ -46,24 +50,20 @@ def host_name() -> HostName:
     return "a1111"
 
 
-def is_a1111_style(name: str) -> bool:
-    """Hosts with A1111's single embedding database (``sd_hijack.model_hijack.embedding_db``)."""
-    return name in ("a1111", "reforge", "classic")
-
-
-#: hosts where the A1111 adapter reads and writes embeddings but cannot train (not yet verified)
-NO_TRAINING = {
-    "reforge": "reForge",
-    "classic": "Forge Classic",
+#: each host's adapter; reForge and Forge Classic share A1111's (training refused there)
+ADAPTERS: dict[str, type[HostAdapter]] = {
+    "a1111": A1111Adapter,
+    "forge": ForgeAdapter,
+    "reforge": ReForgeAdapter,
+    "classic": ClassicAdapter,
 }
 
 
-def training_blocked(host: str) -> str | None:
-    label = NO_TRAINING.get(host)
-    if label is None:
-        return None
-    return (
-        f"training is not available on {label} yet: its sampling leaves the model's weights as inference "
-        "tensors, its VAE encode returns no distribution, and no test host was available to verify the "
-        "adapter there. Create, merge and inspect work here; train on AUTOMATIC1111 or Forge."
-    )
+def detect_adapter() -> HostAdapter:
+    """The adapter of the running host."""
+    return ADAPTERS[host_name()]()
+
+
+def is_a1111_style(name: str) -> bool:
+    """Hosts with A1111's single embedding database (``sd_hijack.model_hijack.embedding_db``)."""
+    return issubclass(ADAPTERS[name], A1111Adapter)

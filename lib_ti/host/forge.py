@@ -1,4 +1,5 @@
-"""Forge (Forge2 backend): the embedding databases, hot reload and the host view for the UI.
+"""The adapter for Forge (Forge2 backend; Forge Neo too): its embedding databases, lazy model load,
+gradient-safe weights and previews through its txt2img.
 
 Forge keeps three databases (see the research notes): one per text-processing engine (what prompts
 use; rebuilt only when a checkpoint loads), the Extra Networks cards' one, and the API's one
@@ -10,12 +11,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
 
-from lib_ti.host import webui
+from lib_ti.embedding import Embedding
+from lib_ti.host import forge_checks, forge_model, webui
 from lib_ti.host.forge_model import engines
-from lib_ti.hostinfo import HostInfo
+from lib_ti.hostinfo import HostServices
+from lib_ti.io.formats import a1111_data
 
 logger = logging.getLogger(__name__)
 
@@ -113,11 +117,65 @@ def register_live(emb_data: dict[str, Any], name: str) -> None:
             eng.embeddings.register_embedding(live)
 
 
-def host_info(name: str = "forge") -> HostInfo:
-    return webui.host_info(name, embedding_status, reload_embeddings, _service)
+def _still_loaded(m: Any) -> Callable[[], bool]:
+    from modules import sd_models
+
+    wanted = str(sd_models.model_data.forge_loading_parameters)
+
+    def check() -> bool:
+        data = sd_models.model_data
+        return data.sd_model is m and str(data.forge_loading_parameters) == wanted
+
+    return check
 
 
-def _service() -> Any:
-    from lib_ti.host.forge_services import get_service
+def _parts() -> Any:
+    m = ensure_model()
+    return forge_model.build_parts(m, _still_loaded(m))
 
-    return get_service()
+
+def _freeze() -> Callable[[], None]:
+    """Load the UNet and text encoders, and make their weights usable by autograd (values unchanged)."""
+    m = ensure_model()
+    forge_model.load_for_training(m)
+    count, restore = forge_model.normal_weights(forge_model.training_modules(m))
+    if count:
+        logger.info("replaced %d inference tensors of the model by normal tensors (same values)", count)
+    return restore
+
+
+def _preview(emb: Embedding, prompt: str, step: int, out_dir: Path) -> str | None:
+    register_live(a1111_data(emb, with_metadata=False), emb.name)
+    try:
+        image = webui.txt2img(prompt, webui.preview_size(emb.kind))
+    finally:
+        reload_embeddings()
+        # Forge's sampling runs in inference mode and may have made inference tensors again
+        m = loaded_model()
+        if m is not None:
+            forge_model.normal_weights(forge_model.training_modules(m))
+    return webui.save_preview(emb, image, step, out_dir) if image is not None else None
+
+
+class ForgeAdapter(webui.WebUIAdapter):
+    name: ClassVar[str] = "forge"
+
+    def host_services(self) -> HostServices:
+        services = webui.common_services()
+        services["exclusive"] = exclusive
+        return HostServices(
+            **services,
+            build_parts=_parts,
+            reload_embeddings=reload_embeddings,
+            freeze_model=_freeze,
+            preview=_preview,
+            embedding_status=embedding_status,
+        )
+
+    def on_app_started(self, app: Any) -> None:
+        remember_api(app)
+
+    def add_check_routes(self, app: Any, service: Any) -> None:
+        forge_checks.add_check_routes(app, service, ensure_model)
+
+    # no model_loaded_hook: Forge builds new engines (which read the folder) at every model load

@@ -1,15 +1,28 @@
-"""Self-checks against Forge's own code paths, for the real-host tests (only with LIB_TI_HOST_CHECKS=1)."""
+"""Self-checks against Forge's own code paths, for the real-host tests (only with LIB_TI_HOST_CHECKS=1).
+
+The adapter passes in the service and ``ensure_model`` (Forge loads its model lazily).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from lib_ti.host import checks
+from lib_ti.host.forge_model import (
+    build_parts,
+    engines,
+    load_for_training,
+    normal_weights,
+    training_modules,
+    unet_patcher,
+)
+from lib_ti.io.formats import read_embedding
+
 
 def _vectors(m: Any, name: str | None, keys: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-    from lib_ti.host.forge_model import engines
-
     if not name:
         return {}
     for eng in engines(m):
@@ -21,15 +34,10 @@ def _vectors(m: Any, name: str | None, keys: list[str]) -> dict[str, dict[str, t
     raise KeyError(msg)
 
 
-def conditioning_parity(prompt: str, name: str | None) -> dict[str, Any]:
-    """Our conditioning against Forge's ``get_learned_conditioning`` for the same prompt."""
-    from modules import shared  # noqa: F401  (host check)
+def conditioning_parity(m: Any, prompt: str, name: str | None) -> dict[str, Any]:
+    """Our conditioning against Forge's ``get_learned_conditioning`` on model ``m`` for the same prompt."""
     from modules.prompt_parser import SdConditioning
 
-    from lib_ti.host import forge
-    from lib_ti.host.forge_model import build_parts
-
-    m = forge.ensure_model()
     parts = build_parts(m)
     prompts = SdConditioning([prompt], width=1024, height=1024)
     host = m.get_learned_conditioning(prompts)
@@ -55,18 +63,8 @@ def conditioning_parity(prompt: str, name: str | None) -> dict[str, Any]:
     return out
 
 
-def unet_parity(size: int = 8) -> dict[str, Any]:
-    """Our gradient-safe UNet call against Forge's own forward, same weights and inputs."""
-    from lib_ti.host import forge
-    from lib_ti.host.forge_model import (
-        build_parts,
-        load_for_training,
-        normal_weights,
-        training_modules,
-        unet_patcher,
-    )
-
-    m = forge.ensure_model()
+def unet_parity(m: Any, size: int = 8) -> dict[str, Any]:
+    """Our gradient-safe UNet call against Forge's own forward on model ``m``, same weights and inputs."""
     load_for_training(m)
     parts = build_parts(m)
     net = unet_patcher(m).model.diffusion_model
@@ -97,21 +95,13 @@ def unet_parity(size: int = 8) -> dict[str, Any]:
             "scale": float(theirs.abs().max()), "replaced": count, "context_grad_abs_sum": grad}  # fmt: skip
 
 
-def gradient_check(prompt: str, name: str) -> dict[str, Any]:
-    """One backward pass from Forge's UNet to the vectors; reports where gradients went."""
-    from lib_ti.host import forge
-    from lib_ti.host.checks import one_backward
-    from lib_ti.host.forge_model import build_parts, load_for_training, normal_weights, training_modules
-    from lib_ti.host.forge_services import get_service
-    from lib_ti.io.formats import read_embedding
-
-    m = forge.ensure_model()
+def gradient_check(m: Any, vectors: dict[str, torch.Tensor], prompt: str, name: str) -> dict[str, Any]:
+    """One backward pass from Forge's UNet on model ``m`` to ``vectors``; reports where gradients went."""
     load_for_training(m)
     parts = build_parts(m)
     count, restore = normal_weights(training_modules(m))
     try:
-        emb = read_embedding(get_service().find_embedding_file(name))
-        out = one_backward(parts, prompt, name, emb.vectors, 8)
+        out = checks.one_backward(parts, prompt, name, vectors, 8)
         out["weights_with_grad"] = sum(
             1 for mod in training_modules(m) for p in mod.parameters() if p.grad is not None
         )
@@ -121,11 +111,18 @@ def gradient_check(prompt: str, name: str) -> dict[str, Any]:
     return out
 
 
-def add_check_routes(app: Any) -> None:
-    from lib_ti.host.checks import add_routes
+def add_check_routes(app: Any, service: Any, ensure_model: Callable[[], Any]) -> None:
+    """The parity, gradient and UNet routes over the model ``ensure_model()`` loads."""
+
+    def parity(prompt: str, name: str | None) -> dict[str, Any]:
+        return conditioning_parity(ensure_model(), prompt, name)
+
+    def gradient(prompt: str, name: str) -> dict[str, Any]:
+        vectors = read_embedding(service.find_embedding_file(name)).vectors
+        return gradient_check(ensure_model(), vectors, prompt, name)
 
     def unet(body: dict) -> Any:
-        return unet_parity(int(body.get("size", 8)))
+        return unet_parity(ensure_model(), int(body.get("size", 8)))
 
-    add_routes(app, conditioning_parity, gradient_check)
+    checks.add_routes(app, parity, gradient)
     app.add_api_route("/ti/v1/_checks/unet", unet, methods=["POST"])

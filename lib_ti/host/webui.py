@@ -1,14 +1,21 @@
 """What every A1111-family host shares (A1111, Forge, reForge, Forge Classic): folders, settings,
-the GPU lock, the progress bar and the Interrupt button. Only ``modules.shared``, ``modules.progress``
-and ``modules.call_queue`` are used; they are the same in all of them."""
+the GPU lock, the progress bar, the Interrupt button, and :class:`WebUIAdapter`, the adapters' base.
+
+The web UI's ``modules`` are imported inside the functions, so importing any adapter never touches the
+host (detection imports them all).
+"""
 
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from lib_ti.settings import SECTION, SETTINGS
+from lib_ti.hostinfo import HostInfo, HostServices
+from lib_ti.io.formats import to_png
+from lib_ti.settings import SECTION
 
 logger = logging.getLogger(__name__)
 
@@ -35,19 +42,6 @@ def log_dir() -> str:
 def save_format() -> str:
     fmt = str(get_option("ti_save_format", "safetensors"))
     return fmt if fmt in ("safetensors", "pt") else "safetensors"
-
-
-def register_settings() -> None:
-    import gradio as gr
-    from modules import shared
-
-    components = {"text": gr.Textbox, "number": gr.Number, "checkbox": gr.Checkbox, "radio": gr.Radio}
-    for s in SETTINGS:
-        args = {"choices": list(s.choices)} if s.component == "radio" else None
-        info = shared.OptionInfo(s.default, s.label, components[s.component], args, section=SECTION)
-        if s.info:
-            info = info.info(s.info)
-        shared.opts.add_option(s.key, info)
 
 
 # ---------------------------------------------------------------------------- progress and the GPU lock
@@ -127,8 +121,6 @@ def txt2img(prompt: str, size: int) -> Any:
 
 def save_preview(emb: Any, image: Any, step: int, out_dir: Path) -> str:
     """Write a preview: PNG with the embedding inside (as A1111 stores it), or webp / jpg (setting)."""
-    from lib_ti.io.formats import to_png
-
     out_dir.mkdir(parents=True, exist_ok=True)
     fmt = str(get_option("ti_preview_format", "png") or "png")
     if fmt not in ("webp", "jpg"):
@@ -157,36 +149,47 @@ def common_services() -> dict[str, Any]:
     }
 
 
-def host_info(name: str, embedding_status: Any, reload_embeddings: Any, service: Any, **extra: Any) -> Any:
-    """The HostInfo the tab is built with."""
-    import gradio as gr
+class WebUIAdapter(ABC):
+    """The :class:`~lib_ti.host.adapter.HostAdapter` parts every A1111-family host shares."""
 
-    from lib_ti.hostinfo import HostInfo
+    name: ClassVar[str]
+    #: facts for the UI (``HostInfo.extra``)
+    info_extra: ClassVar[dict[str, Any]] = {}
 
-    return HostInfo(
-        name=name,
-        embeddings_dir=embeddings_dir,
-        embedding_status=embedding_status,
-        reload_embeddings=reload_embeddings,
-        get_option=get_option,
-        gradio_major=int(gr.__version__.split(".")[0]),
-        service=service,
-        extra=dict(extra),
-    )
+    @abstractmethod
+    def host_services(self) -> HostServices: ...
 
+    @abstractmethod
+    def add_check_routes(self, app: Any, service: Any) -> None: ...
 
-def add_api_routes(app: Any, service: Any, add_checks: Any) -> None:
-    """Our /ti/v1 routes with the host's --api-auth, once per app; ``add_checks(app)`` adds the
-    self-check routes when LIB_TI_HOST_CHECKS=1 (real-host tests only)."""
-    import os
+    def host_info(self, service: Callable[[], Any] | None, gradio_major: int) -> HostInfo:
+        return HostInfo.from_services(
+            self.name, self.host_services(), service=service, gradio_major=gradio_major, extra=self.info_extra
+        )
 
-    from modules import shared
+    def add_option(
+        self,
+        key: str,
+        default: Any,
+        label: str,
+        component: Any,
+        component_args: dict[str, Any] | None,
+        info: str = "",
+    ) -> None:
+        from modules import shared
 
-    from lib_ti.ui.api import add_routes
+        option = shared.OptionInfo(default, label, component, component_args, section=SECTION)
+        if info:
+            option = option.info(info)
+        shared.opts.add_option(key, option)
 
-    if getattr(app.state, "lib_ti_routes", False):
-        return
-    add_routes(app, service, getattr(shared.cmd_opts, "api_auth", None))
-    if os.environ.get("LIB_TI_HOST_CHECKS") == "1":
-        add_checks(app)
-    app.state.lib_ti_routes = True
+    def api_auth(self) -> str | None:
+        from modules import shared
+
+        return getattr(shared.cmd_opts, "api_auth", None)
+
+    def on_app_started(self, app: Any) -> None:
+        return None
+
+    def model_loaded_hook(self) -> Callable[[Any], None] | None:
+        return None
