@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from lib_ti.create import CreateArgs, create_embedding
 from lib_ti.parts import LatentDist
-from lib_ti.training.data import Batch, Item
+from lib_ti.training.dataset import Batch, Item
 from lib_ti.training.trainer import TrainArgs, Trainer
 from tests import conftest  # noqa: F401  (defines torchvision's operators for open_clip)
 from tests import train_models as tm

@@ -145,7 +145,8 @@ def trainer_fn(parts, vectors, folder: Path, steps: int, fresh: bool = False):
     from PIL import Image
 
     from lib_ti.embedding import Embedding
-    from lib_ti.training.data import DataArgs, load_dataset
+    from lib_ti.training.dataset import DataArgs
+    from lib_ti.training.loading import load_dataset
     from lib_ti.training.trainer import TrainArgs, TrainCallbacks, Trainer
 
     Image.new("RGB", (256, 256), (120, 80, 40)).save(folder / "img.png")

@@ -16,23 +16,19 @@ from torch.nn import functional
 
 from lib_ti.parts import LatentDist
 from lib_ti.training.buckets import make_buckets, nearest_bucket, place
-from lib_ti.training.data import (
-    Batch,
-    DataArgs,
-    DataError,
-    Dataset,
-    Item,
+from lib_ti.training.captions import (
     TemplateError,
     builtin_templates,
-    check_args,
     filename_caption,
     fill_template,
-    load_dataset,
     load_template,
     process_tags,
     read_caption,
-    scan_images,
 )
+from lib_ti.training.dataset import Batch, DataArgs, Dataset, Item
+from lib_ti.training.errors import DataError
+from lib_ti.training.images import scan_images
+from lib_ti.training.loading import check_args, load_dataset
 
 SMALL = {"resolution": 128, "min_bucket": 64, "bucket_step": 64}  # buckets 64..2048 px at 128x128 area
 
@@ -139,7 +135,7 @@ def test_scan_and_skipped_files_are_named(tmp_path, pool, caplog):
     assert sorted(Path(s.split(":")[0]).name for s in skipped) == ["anim.gif", "corrupt.png", "fake.jpg"]
     assert any("not an image" in s for s in skipped)
 
-    with caplog.at_level(logging.WARNING, logger="lib_ti.training.data"):
+    with caplog.at_level(logging.WARNING, logger="lib_ti.training.loading"):
         ds = load_dataset(args_for(root, **SMALL), pool)
     assert [Path(it.path).name for it in ds.items] == [
         "a_rgba.png",

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from PIL import Image
 
 from lib_ti.create import CreateArgs, create_embedding
 from lib_ti.io.formats import read_embedding, write_embedding
-from lib_ti.training.data import DataArgs, load_dataset
-from lib_ti.training.trainer import TrainArgs, TrainCallbacks, Trainer, TrainingError
+from lib_ti.training.dataset import DataArgs
+from lib_ti.training.errors import TrainingError
+from lib_ti.training.loading import load_dataset
+from lib_ti.training.streams import random_stream, stream
+from lib_ti.training.trainer import TrainArgs, TrainCallbacks, Trainer
 
 from . import train_models as tm
 
@@ -223,15 +228,18 @@ def test_wrong_model_type_is_refused(image_folder):
 
 def test_progress_and_csv_log(image_folder, tmp_path):
     parts, data = dataset(image_folder, "sd1")
-    progress = []
-    Trainer(
+    progress, saved = [], []
+    result = Trainer(
         parts,
         data,
         start(parts),
         TrainArgs(steps=3, validation_every=2, log_dir=str(tmp_path)),
-        TrainCallbacks(progress=progress.append),
+        TrainCallbacks(progress=progress.append, save=lambda e, why: saved.append(why)),
     ).run()
     assert [p.step for p in progress] == [1, 2, 3]
+    assert set(result.timings) == {"steps", "validation", "saving", "previews"}
+    assert result.timings["steps"] > 0 and result.timings["validation"] > 0 and result.timings["saving"] > 0
+    assert result.timings["previews"] == 0
     assert progress[-1].eta_seconds == 0
     assert progress[1].val_loss is not None
     assert set(progress[0].norms) == {"clip_l"}
@@ -282,3 +290,32 @@ def test_snapshots_checkpointing_hook_and_early_stop(image_folder, monkeypatch):
     assert res.status == "early_stopped"
     assert saved == [("final", 2)]
     assert "kept step 2" in res.message
+
+
+def test_streams_keep_the_seeds_of_earlier_versions():
+    """Resume and reproducibility across versions depend on these exact seeds."""
+
+    def fnv(*parts):
+        h = 1469598103934665603
+        for p in parts:
+            h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+        return torch.Generator().manual_seed(h & 0x7FFFFFFFFFFFFFFF)
+
+    def same(a, b):
+        return torch.equal(torch.randn(8, generator=a), torch.randn(8, generator=b))
+
+    seed, step, j = 1234, 17, 3
+    assert same(stream(seed, "noise", step, j), fnv(seed, step, j))
+    assert same(stream(seed, "latent_sample", step, j), fnv(seed, step, -2, j))
+    assert same(stream(seed, "validation_noise", j), fnv(seed, -1, j))
+    pairs = [
+        (random_stream(seed, "epoch_order", 5), seed * 1000003 + 5),
+        (random_stream(seed, "batch", step, j), seed * 15485863 + step * 101 + j),
+        (random_stream(seed, "validation_pick"), seed * 7919 + 17),
+        (random_stream(seed, "validation_prompt", j), seed * 31 + j),
+        (random_stream(seed, "crop", "sub/a.png"), f"{seed}:sub/a.png"),
+    ]
+    for rng, value in pairs:
+        assert rng.random() == random.Random(value).random()
+    with pytest.raises(ValueError, match="index"):
+        stream(seed, "noise", step)

@@ -2,42 +2,43 @@
 
 Knows nothing of any host: it gets a :class:`~lib_ti.parts.ModelParts`, a dataset and callbacks.
 
-Determinism without saved RNG state: the data order of epoch ``e`` comes from a generator seeded with
-(seed, e); the noise, timestep and latent sample of the sample at position ``j`` of optimizer step
-``s`` from (seed, s, j). A run stopped at step k and resumed therefore replays exactly what an
-uninterrupted run does, and batch 4 equals batch 2 x accumulation 2 on the same samples.
+Determinism without saved RNG state: every random draw comes from a named stream
+(:mod:`lib_ti.training.streams`) indexed by where it is used: the data order of epoch ``e``, and the
+noise, timestep and latent sample of the sample at position ``j`` of optimizer step ``s``. A run stopped
+at step k and resumed therefore replays exactly what an uninterrupted run does, and batch 4 equals
+batch 2 x accumulation 2 on the same samples.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
-import math
-import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Literal
 
 import torch
 
 from lib_ti import __version__
 from lib_ti.embedding import Embedding
-from lib_ti.errors import TIError
-from lib_ti.io.safetensors_io import load_bytes, save_bytes
 from lib_ti.parts import ModelParts
+from lib_ti.training.dataset import TrainingData
+from lib_ti.training.errors import TrainingError
 from lib_ti.training.options import LrShape, NormControl, Optimizer
+from lib_ti.training.resume import Counters, dump_resume, load_resume
 from lib_ti.training.schedule import LearningRateSchedule, ScheduleArgs
+from lib_ti.training.streams import random_stream, stream
+from lib_ti.training.validation import validation_samples
 
 logger = logging.getLogger(__name__)
 
 Status = Literal["finished", "stopped", "early_stopped", "failed", "model_changed"]
-
-
-class TrainingError(TIError):
-    """Training cannot start or continue (the message says why and what was saved)."""
+#: the parts of a run that TrainResult.timings measures (seconds)
+TIMED = ("steps", "validation", "saving", "previews")
 
 
 @dataclass
@@ -111,13 +112,38 @@ class TrainResult:
     message: str
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    #: seconds spent in the parts named in TIMED ("steps": the optimizer steps only)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
-def _seeded(*parts: int) -> torch.Generator:
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
-    return torch.Generator().manual_seed(h & 0x7FFFFFFFFFFFFFFF)
+@dataclass
+class _Best:
+    """The vectors of the lowest validation loss so far."""
+
+    loss: float
+    vectors: dict[str, torch.Tensor]
+    step: int
+
+
+class _RunEnded(Exception):  # noqa: N818 (not an error: how a helper ends the run with a result)
+    def __init__(self, result: TrainResult) -> None:
+        super().__init__(result.message)
+        self.result = result
+
+
+@dataclass
+class _Pace:
+    """Images per second and the time left, from the start of this run (or of its resumed part)."""
+
+    start_step: int
+    started: float = field(default_factory=time.perf_counter)
+    images: int = 0
+
+    def rate_and_eta(self, step: int, total: int) -> tuple[float, float]:
+        elapsed = time.perf_counter() - self.started
+        rate = self.images / elapsed if elapsed > 0 else 0.0
+        per_step = elapsed / max(step - self.start_step, 1)
+        return rate, per_step * (total - step)
 
 
 class Trainer:
@@ -126,7 +152,7 @@ class Trainer:
     def __init__(
         self,
         parts: ModelParts,
-        dataset: Any,
+        dataset: TrainingData,
         embedding: Embedding,
         args: TrainArgs,
         callbacks: TrainCallbacks | None = None,
@@ -164,11 +190,20 @@ class Trainer:
         self.alphas = parts.alphas_cumprod.detach().float().to(parts.device)
         self.norm_targets = args.norm_target or self._vocab_norms()
         self.step = 0
+        self.epoch = 0
+        self._epoch_at: tuple[int, int, list[list[int]]] | None = None  # (epoch, its first step, groups)
         self.loss_smooth: float | None = None
         self.val_losses: list[tuple[int, float]] = []
         self.losses: list[float] = []
-        self.best: tuple[float, dict[str, torch.Tensor], int] | None = None
-        self._validation = self._make_validation_set()
+        self.best: _Best | None = None
+        self.timings = dict.fromkeys(TIMED, 0.0)
+        self._validation = validation_samples(
+            dataset,
+            args.validation_size if args.validation_every > 0 else 0,
+            args.seed,
+            args.min_t,
+            self.max_t,
+        )
         if resume is not None:
             self._load_resume(resume)
 
@@ -198,41 +233,193 @@ class Trainer:
             out[enc.key] = float(w.norm(dim=1).median())
         return out
 
-    def _make_validation_set(self) -> list[dict[str, Any]]:
-        a = self.args
-        n_items = len(self.data.items)
-        if a.validation_every <= 0 or a.validation_size <= 0:
-            return []
-        rng = random.Random(a.seed * 7919 + 17)
-        picks = [rng.randrange(n_items) for _ in range(a.validation_size)]
-        out = []
-        for j, idx in enumerate(picks):
-            item = self.data.items[idx]
-            gen = _seeded(a.seed, -1, j)
-            latent = item.latents.mean.float()
-            # evenly spread timesteps so the figure covers the whole range
-            frac = (j + 0.5) / a.validation_size
-            t = int(a.min_t + frac * (self.max_t - a.min_t))
-            out.append(
-                {
-                    "latent": latent,
-                    "noise": torch.randn(latent.shape, generator=gen),
-                    "t": t,
-                    "prompt": self.data.prompt(item, random.Random(a.seed * 31 + j)),
-                    "time_ids": self._time_ids(item),
-                }
-            )
-        return out
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> TrainResult:
+        """Train to ``args.steps``; a stop request, a model change, early stop or NaN ends it sooner."""
+        pace = _Pace(self.step)
+        with self._gradient_checkpointing(), _CsvLog(self._log_path(), self.trained) as log:
+            try:
+                if self.step == 0 and self._validation:
+                    self._validate()
+                while self.step < self.args.steps:
+                    self._end_if_interrupted()
+                    with self._timed("steps"):
+                        group = self._group(self.step)
+                        backup = self._copy_vectors()
+                        loss = self._backward(group, backup)
+                        lr = self._optimizer_step(backup)
+                    self.step += 1
+                    pace.images += len(group)
+                    self._track_loss(loss)
+                    val_loss = self._validate_when_due()
+                    self._report(log, pace, loss, lr, val_loss)
+                    self._snapshot_and_preview_when_due()
+                self._save("final")
+                return self._result("finished", f"finished {self.step} steps")
+            except _RunEnded as end:
+                return end.result
 
-    @staticmethod
-    def _time_ids(item: Any) -> torch.Tensor:
-        (oh, ow), (ct, cl), (th, tw) = item.size, item.crop, item.bucket
-        return torch.tensor([oh, ow, ct, cl, th, tw], dtype=torch.float32)
+    def _backward(self, group: list[int], backup: dict[str, torch.Tensor]) -> float:
+        """Accumulate the gradients of one optimizer step over its micro-batches; the summed loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for m in range(0, len(group), self.args.batch_size):
+            if m:
+                self._end_if_stop_requested()
+            positions = list(range(m, min(m + self.args.batch_size, len(group))))
+            loss = self._micro_batch_loss(group, positions) / len(group)
+            if not torch.isfinite(loss):
+                raise self._fail(backup, "the loss became NaN or infinite")
+            loss.backward()
+            step_loss += float(loss.detach())
+        return step_loss
+
+    def _micro_batch_loss(self, group: list[int], positions: list[int]) -> torch.Tensor:
+        """Summed loss of the samples at ``positions`` of the step's group: latents (cached, sampled),
+        noise and timesteps, then :meth:`_loss`."""
+        seed, m = self.args.seed, positions[0]
+        batch = self.data.make_batch(
+            [group[j] for j in positions],
+            random_stream(seed, "batch", self.step, m),
+            stream(seed, "latent_sample", self.step, m),
+        )
+        noise, t = self._sample_noise(self.step, positions, batch.latents.shape[1:])
+        return self._loss(batch.latents, noise, t, batch.prompts, batch.time_ids, batch.weight).sum()
+
+    def _optimizer_step(self, backup: dict[str, torch.Tensor]) -> float:
+        """Check and clip the gradients, set the learning rate, step, apply norm control; the lr."""
+        params = [self.vectors[k] for k in self.trained]
+        grads = [v.grad for v in params]
+        if any(g is None for g in grads):
+            msg = "no gradient reached the embedding vectors (the model's text path is not differentiable)"
+            raise TrainingError(msg)
+        if not all(torch.isfinite(g).all() for g in grads):  # type: ignore[union-attr]
+            raise self._fail(backup, "a gradient became NaN or infinite")
+        if self.args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.args.grad_clip)
+        lr = self.schedule(self.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        self._norm_control()
+        if not all(torch.isfinite(v).all() for v in params):
+            raise self._fail(backup, "the vectors became NaN or infinite")
+        return lr
+
+    def _track_loss(self, loss: float) -> None:
+        self.losses.append(loss)
+        self.loss_smooth = loss if self.loss_smooth is None else 0.95 * self.loss_smooth + 0.05 * loss
+
+    def _validate_when_due(self) -> float | None:
+        """The validation loss at validation steps (and the last step), else None; may end the run."""
+        a = self.args
+        if a.validation_every <= 0 or (self.step % a.validation_every and self.step != a.steps):
+            return None
+        val_loss = self._validate()
+        if self._early_stop() and self.best is not None:
+            best = self.best
+            self._save("final", best.vectors, best.step)
+            msg = f"validation loss stopped improving; kept step {best.step} (loss {best.loss:.5f})"
+            raise _RunEnded(self._result("early_stopped", msg))
+        return val_loss
+
+    def _report(self, log: _CsvLog, pace: _Pace, loss: float, lr: float, val_loss: float | None) -> None:
+        rate, eta = pace.rate_and_eta(self.step, self.args.steps)
+        smooth = loss if self.loss_smooth is None else self.loss_smooth
+        prog = Progress(
+            self.step, self.args.steps, loss, smooth, lr, self.norms(), rate, eta, val_loss, self.epoch
+        )
+        log.write(prog)
+        if self.cb.progress:
+            self.cb.progress(prog)
+
+    def _snapshot_and_preview_when_due(self) -> None:
+        a = self.args
+        if a.snapshot_every > 0 and self.step % a.snapshot_every == 0 and self.step < a.steps:
+            self._save("snapshot")
+        if a.preview_every > 0 and self.step % a.preview_every == 0 and self.cb.preview:
+            with self._timed("previews"):
+                self.cb.preview(self.current_embedding(), self.step)
+
+    # ------------------------------------------------------------------ ending a run
+    def _end_if_interrupted(self) -> None:
+        """Save and end the run on a stop request or when the host unloaded the model."""
+        self._end_if_stop_requested()
+        if not self.parts.still_loaded():
+            self._save("stopped")
+            msg = f"checkpoint change requested; training stopped at step {self.step}, saved"
+            raise _RunEnded(self._result("model_changed", msg))
+
+    def _end_if_stop_requested(self) -> None:
+        if self.cb.should_stop and self.cb.should_stop():
+            self._save("stopped")
+            raise _RunEnded(self._result("stopped", f"stopped at step {self.step}; saved"))
+
+    def _fail(self, backup: dict[str, torch.Tensor], why: str) -> _RunEnded:
+        """Restore the vectors of the last good step, save them, and end the run as failed."""
+        with torch.no_grad():
+            for k, v in self.vectors.items():
+                v.copy_(backup[k])
+        self.optimizer.zero_grad(set_to_none=True)
+        self._save("failed", resume=False)
+        msg = f"{why} at step {self.step + 1}; stopped and kept the vectors of step {self.step}"
+        logger.error("%s: %s", self.name, msg)
+        return _RunEnded(self._result("failed", msg))
+
+    def _result(self, status: Status, message: str) -> TrainResult:
+        return TrainResult(
+            status,
+            self.current_embedding(),
+            self.step,
+            message,
+            list(self.val_losses),
+            list(self.losses),
+            dict(self.timings),
+        )
+
+    # ------------------------------------------------------------------ run helpers
+    @contextmanager
+    def _timed(self, part: str) -> Iterator[None]:
+        """Add the seconds of the block to ``timings[part]`` (not when it ends the run)."""
+        start = time.perf_counter()
+        yield
+        self.timings[part] += time.perf_counter() - start
+
+    @contextmanager
+    def _gradient_checkpointing(self) -> Iterator[None]:
+        switch = self.parts.set_gradient_checkpointing if self.args.gradient_checkpointing else None
+        if switch is None:
+            yield
+            return
+        switch(True)
+        try:
+            yield
+        finally:
+            switch(False)
+
+    def _log_path(self) -> Path | None:
+        return Path(self.args.log_dir) / f"{self.name}.csv" if self.args.log_dir else None
+
+    def _copy_vectors(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.vectors.items()}
+
+    def _save(
+        self,
+        reason: str,
+        vectors: dict[str, torch.Tensor] | None = None,
+        step: int | None = None,
+        resume: bool = True,
+    ) -> None:
+        with self._timed("saving"):
+            if self.cb.save is not None:
+                self.cb.save(self.current_embedding(vectors, step), reason)
+            if resume and self.cb.save_resume is not None and vectors is None:
+                self.cb.save_resume(self.resume_bytes())
 
     # ------------------------------------------------------------------ data order
     def _epoch_groups(self, epoch: int) -> list[list[int]]:
         eff = self.args.batch_size * self.args.grad_accum
-        return self.data.epoch_order(eff, random.Random(self.args.seed * 1000003 + epoch))
+        return self.data.epoch_order(eff, random_stream(self.args.seed, "epoch_order", epoch))
 
     def _group(self, step: int) -> list[int]:
         """Item indices of optimizer step ``step`` (one effective batch from one bucket).
@@ -240,7 +427,7 @@ class Trainer:
         Steps only move forward within a run, so the current epoch (its number, first step and
         groups) is kept; a resumed run replays the epochs before its step once.
         """
-        if getattr(self, "_epoch_at", None) is None or step < self._epoch_at[1]:
+        if self._epoch_at is None or step < self._epoch_at[1]:
             self._epoch_at = (0, 0, self._epoch_groups(0))
         epoch, first, groups = self._epoch_at
         while step >= first + len(groups):
@@ -251,19 +438,19 @@ class Trainer:
         return list(groups[step - first])
 
     # ------------------------------------------------------------------ loss
-    def _embeddings(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {self.name: self.vectors}
-
-    def _cond(self, prompts: Sequence[str], time_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        c = self.parts.prompt_encoder.encode(list(prompts), self._embeddings())
-        cond = {"crossattn": c.crossattn}
-        if self.parts.kind == "sdxl":
-            if c.pooled is None:
-                msg = "the SDXL text encoders gave no pooled vector"
-                raise TrainingError(msg)
-            cond["pooled"] = c.pooled
-            cond["time_ids"] = time_ids.to(device=self.parts.device, dtype=c.pooled.dtype)
-        return cond
+    def _sample_noise(
+        self, step: int, positions: Sequence[int], shape: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise (with the noise offset) and a timestep per sample, from the sample's own stream."""
+        noises, ts = [], []
+        for j in positions:
+            gen = stream(self.args.seed, "noise", step, j)
+            n = torch.randn(tuple(shape), generator=gen)
+            if self.args.noise_offset:
+                n = n + self.args.noise_offset * torch.randn((shape[0], 1, 1), generator=gen)
+            noises.append(n)
+            ts.append(int(torch.randint(self.args.min_t, self.max_t + 1, (1,), generator=gen)))
+        return torch.stack(noises), torch.tensor(ts, dtype=torch.long)
 
     def _loss(
         self,
@@ -274,43 +461,52 @@ class Trainer:
         time_ids: torch.Tensor,
         weight: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Per-sample loss [B]."""
+        """Per-sample loss [B]: add noise, encode the prompts, predict, compare with the target."""
         p = self.parts
         x0 = latents.to(p.device, torch.float32)
         noise = noise.to(p.device, torch.float32)
         a = self.alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         cond = self._cond(prompts, time_ids)
+        pred = self._predict(x_t, t, cond)
+        target = noise if p.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        err = (pred - target) ** 2
+        if weight is not None:
+            err = err * weight.to(err.device, err.dtype)
+        per = err.mean(dim=(1, 2, 3))
+        if self.args.min_snr_gamma > 0:
+            per = per * self._min_snr_weight(a)
+        return per
+
+    def _cond(self, prompts: Sequence[str], time_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The UNet conditioning of ``prompts`` with the current vectors (and SDXL's pooled and time ids)."""
+        c = self.parts.prompt_encoder.encode(list(prompts), {self.name: self.vectors})
+        cond = {"crossattn": c.crossattn}
+        if self.parts.kind == "sdxl":
+            if c.pooled is None:
+                msg = "the SDXL text encoders gave no pooled vector"
+                raise TrainingError(msg)
+            cond["pooled"] = c.pooled
+            cond["time_ids"] = time_ids.to(device=self.parts.device, dtype=c.pooled.dtype)
+        return cond
+
+    def _predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The frozen model's prediction (eps or v), float32; autocast on CUDA when asked."""
+        p = self.parts
         use_autocast = (
             self.args.autocast and p.device.type == "cuda" and p.dtype in (torch.float16, torch.bfloat16)
         )
         with torch.autocast(p.device.type, dtype=p.dtype, enabled=use_autocast):
             out = p.denoise(x_t.to(p.dtype), t.to(p.device), cond)
-        out = out.float()
-        target = noise if p.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
-        err = (out - target) ** 2
-        if weight is not None:
-            err = err * weight.to(err.device, err.dtype)
-        per = err.mean(dim=(1, 2, 3))
-        if self.args.min_snr_gamma > 0:
-            snr = (a / (1 - a)).view(-1)
-            w = torch.clamp(snr, max=self.args.min_snr_gamma) / (snr if p.prediction == "eps" else snr + 1)
-            per = per * w
-        return per
+        return out.float()
 
-    def _sample_noise(
-        self, step: int, positions: Sequence[int], shape: Sequence[int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        noises, ts = [], []
-        for j in positions:
-            gen = _seeded(self.args.seed, step, j)
-            n = torch.randn(tuple(shape), generator=gen)
-            if self.args.noise_offset:
-                n = n + self.args.noise_offset * torch.randn((shape[0], 1, 1), generator=gen)
-            noises.append(n)
-            ts.append(int(torch.randint(self.args.min_t, self.max_t + 1, (1,), generator=gen)))
-        return torch.stack(noises), torch.tensor(ts, dtype=torch.long)
+    def _min_snr_weight(self, a: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma loss weight per sample, for the eps or v target."""
+        snr = (a / (1 - a)).view(-1)
+        gamma = self.args.min_snr_gamma
+        return torch.clamp(snr, max=gamma) / (snr if self.parts.prediction == "eps" else snr + 1)
 
+    # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def validation_loss(self) -> float | None:
         if not self._validation:
@@ -318,15 +514,28 @@ class Trainer:
         total = 0.0
         for v in self._validation:
             per = self._loss(
-                v["latent"][None],
-                v["noise"][None],
-                torch.tensor([v["t"]]),
-                [v["prompt"]],
-                v["time_ids"][None],
-                None,
+                v.latent[None], v.noise[None], torch.tensor([v.t]), [v.prompt], v.time_ids[None], None
             )
             total += float(per.sum())
         return total / len(self._validation)
+
+    def _validate(self) -> float | None:
+        """Record the validation loss of the current vectors and keep them if they are the best."""
+        with self._timed("validation"):
+            val_loss = self.validation_loss()
+            if val_loss is None:
+                return None
+            self.val_losses.append((self.step, val_loss))
+            if self.best is None or val_loss < self.best.loss:
+                self.best = _Best(val_loss, self._copy_vectors(), self.step)
+        return val_loss
+
+    def _early_stop(self) -> bool:
+        patience = self.args.early_stop_patience
+        if patience <= 0 or self.best is None or len(self.val_losses) <= patience:
+            return False
+        since = [s for s, _ in self.val_losses if s > self.best.step]
+        return len(since) >= patience
 
     # ------------------------------------------------------------------ vectors
     def current_embedding(
@@ -380,214 +589,35 @@ class Trainer:
     # ------------------------------------------------------------------ resume
     def resume_bytes(self) -> bytes:
         """Vectors, optimizer state and counters; safetensors (no pickle)."""
-        tensors: dict[str, torch.Tensor] = {f"vec.{k}": v.detach().cpu() for k, v in self.vectors.items()}
-        state = self.optimizer.state_dict()
-        scalars: dict[str, Any] = {}
-        for pid, st in state["state"].items():
-            for key, val in st.items():
-                if isinstance(val, torch.Tensor) and val.dim() > 0:
-                    tensors[f"opt.{pid}.{key}"] = val.detach().cpu()
-                else:
-                    scalars[f"{pid}.{key}"] = float(val)
-        meta = {
-            "format": "lib_ti-resume-1",
-            "name": self.name,
-            "step": self.step,
-            "args": _jsonable(asdict(self.args)),
-            "scalars": scalars,
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]],
-            "loss_smooth": self.loss_smooth,
-            "val_losses": self.val_losses,
-            "model_hash": self.parts.model_hash,
-            "trained": self.trained,
-        }
-        return save_bytes(tensors, {"resume": json.dumps(meta)})
+        return dump_resume(
+            name=self.name,
+            vectors=self.vectors,
+            optimizer=self.optimizer,
+            counters=Counters(self.step, self.loss_smooth, self.val_losses),
+            args=asdict(self.args),
+            model_hash=self.parts.model_hash,
+            trained=self.trained,
+        )
 
     def _load_resume(self, data: bytes) -> None:
-        tensors, header = load_bytes(data, "resume file")
-        try:
-            meta = json.loads(header["resume"])
-        except (KeyError, json.JSONDecodeError):
-            msg = "not a resume file of this trainer"
-            raise TrainingError(msg) from None
-        if meta.get("trained") != self.trained:
-            msg = f"the resume file trained {meta.get('trained')}, this run trains {self.trained}"
-            raise TrainingError(msg)
-        if meta.get("model_hash") and self.parts.model_hash and meta["model_hash"] != self.parts.model_hash:
-            logger.warning(
-                "resuming on a different model (%s, was %s)", self.parts.model_hash, meta["model_hash"]
-            )
-        with torch.no_grad():
-            for k, v in self.vectors.items():
-                v.copy_(tensors[f"vec.{k}"].to(v.device))
-        state = self.optimizer.state_dict()
-        new_state: dict[int, dict[str, Any]] = {}
-        for key, t in tensors.items():
-            if key.startswith("opt."):
-                _, pid, name = key.split(".", 2)
-                new_state.setdefault(int(pid), {})[name] = t.to(self.parts.device)
-        for key, val in meta["scalars"].items():
-            pid, name = key.split(".", 1)
-            new_state.setdefault(int(pid), {})[name] = torch.tensor(val)
-        state["state"] = new_state
-        for g, saved in zip(state["param_groups"], meta["param_groups"]):
-            g.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
-        self.optimizer.load_state_dict(state)
-        self.step = int(meta["step"])
-        self.loss_smooth = meta.get("loss_smooth")
-        self.val_losses = [tuple(x) for x in meta.get("val_losses", [])]  # type: ignore[misc]
-
-    # ------------------------------------------------------------------ run
-    def _save(
-        self,
-        reason: str,
-        vectors: dict[str, torch.Tensor] | None = None,
-        step: int | None = None,
-        resume: bool = True,
-    ) -> None:
-        if self.cb.save is not None:
-            self.cb.save(self.current_embedding(vectors, step), reason)
-        if resume and self.cb.save_resume is not None and vectors is None:
-            self.cb.save_resume(self.resume_bytes())
-
-    def _stop_requested(self) -> bool:
-        return bool(self.cb.should_stop and self.cb.should_stop())
-
-    def run(self) -> TrainResult:
-        a, p = self.args, self.parts
-        if a.gradient_checkpointing and p.set_gradient_checkpointing:
-            p.set_gradient_checkpointing(True)
-        log = _CsvLog(Path(a.log_dir) / f"{self.name}.csv" if a.log_dir else None, self.trained)
-        start_time, start_step, seen = time.perf_counter(), self.step, 0
-        try:
-            if self.step == 0 and self._validation:
-                self._record_validation()
-            while self.step < a.steps:
-                if self._stop_requested():
-                    self._save("stopped")
-                    return self._result("stopped", f"stopped at step {self.step}; saved")
-                if not p.still_loaded():
-                    self._save("stopped")
-                    return self._result(
-                        "model_changed",
-                        f"checkpoint change requested; training stopped at step {self.step}, saved",
-                    )
-                group = self._group(self.step)
-                backup = {k: v.detach().clone() for k, v in self.vectors.items()}
-                self.optimizer.zero_grad(set_to_none=True)
-                step_loss = 0.0
-                for m in range(0, len(group), a.batch_size):
-                    if m and self._stop_requested():
-                        self._save("stopped")
-                        return self._result("stopped", f"stopped at step {self.step}; saved")
-                    positions = list(range(m, min(m + a.batch_size, len(group))))
-                    indices = [group[j] for j in positions]
-                    batch = self.data.make_batch(
-                        indices,
-                        random.Random(a.seed * 15485863 + self.step * 101 + m),
-                        _seeded(a.seed, self.step, -2, m),
-                    )
-                    noise, t = self._sample_noise(self.step, positions, batch.latents.shape[1:])
-                    per = self._loss(batch.latents, noise, t, batch.prompts, batch.time_ids, batch.weight)
-                    loss = per.sum() / len(group)
-                    if not torch.isfinite(loss):
-                        return self._fail(backup, "the loss became NaN or infinite")
-                    loss.backward()
-                    step_loss += float(loss.detach())
-                    seen += len(indices)
-                grads = [self.vectors[k].grad for k in self.trained]
-                if any(g is None for g in grads):
-                    msg = "no gradient reached the embedding vectors (the model's text path is not differentiable)"
-                    raise TrainingError(msg)
-                if not all(torch.isfinite(g).all() for g in grads):  # type: ignore[union-attr]
-                    return self._fail(backup, "a gradient became NaN or infinite")
-                if a.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_([self.vectors[k] for k in self.trained], a.grad_clip)
-                lr = self.schedule(self.step)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
-                self.optimizer.step()
-                self._norm_control()
-                if not all(torch.isfinite(self.vectors[k]).all() for k in self.trained):
-                    return self._fail(backup, "the vectors became NaN or infinite")
-                self.step += 1
-                self.losses.append(step_loss)
-                self.loss_smooth = (
-                    step_loss if self.loss_smooth is None else 0.95 * self.loss_smooth + 0.05 * step_loss
-                )
-                val = None
-                if a.validation_every > 0 and (self.step % a.validation_every == 0 or self.step == a.steps):
-                    val = self._record_validation()
-                    if self._early_stop():
-                        best_loss, best_vecs, best_step = self.best  # type: ignore[misc]
-                        self._save("final", best_vecs, best_step)
-                        return self._result(
-                            "early_stopped",
-                            f"validation loss stopped improving; kept step {best_step} (loss {best_loss:.5f})",
-                        )
-                elapsed = time.perf_counter() - start_time
-                rate = seen / elapsed if elapsed > 0 else 0.0
-                per_step = elapsed / max(self.step - start_step, 1)
-                prog = Progress(
-                    self.step,
-                    a.steps,
-                    step_loss,
-                    self.loss_smooth,
-                    lr,
-                    self.norms(),
-                    rate,
-                    per_step * (a.steps - self.step),
-                    val,
-                    getattr(self, "epoch", 0),
-                )
-                log.write(prog)
-                if self.cb.progress:
-                    self.cb.progress(prog)
-                if a.snapshot_every > 0 and self.step % a.snapshot_every == 0 and self.step < a.steps:
-                    self._save("snapshot")
-                if a.preview_every > 0 and self.step % a.preview_every == 0 and self.cb.preview:
-                    self.cb.preview(self.current_embedding(), self.step)
-            self._save("final")
-            return self._result("finished", f"finished {self.step} steps")
-        finally:
-            log.close()
-            if a.gradient_checkpointing and p.set_gradient_checkpointing:
-                p.set_gradient_checkpointing(False)
-
-    def _record_validation(self) -> float | None:
-        val = self.validation_loss()
-        if val is None:
-            return None
-        self.val_losses.append((self.step, val))
-        if self.best is None or val < self.best[0]:
-            self.best = (val, {k: v.detach().clone() for k, v in self.vectors.items()}, self.step)
-        return val
-
-    def _early_stop(self) -> bool:
-        patience = self.args.early_stop_patience
-        if patience <= 0 or self.best is None or len(self.val_losses) <= patience:
-            return False
-        best_step = self.best[2]
-        since = [s for s, _ in self.val_losses if s > best_step]
-        return len(since) >= patience
-
-    def _fail(self, backup: dict[str, torch.Tensor], why: str) -> TrainResult:
-        with torch.no_grad():
-            for k, v in self.vectors.items():
-                v.copy_(backup[k])
-        self.optimizer.zero_grad(set_to_none=True)
-        self._save("failed", resume=False)
-        msg = f"{why} at step {self.step + 1}; stopped and kept the vectors of step {self.step}"
-        logger.error("%s: %s", self.name, msg)
-        return self._result("failed", msg)
-
-    def _result(self, status: Status, message: str) -> TrainResult:
-        return TrainResult(
-            status, self.current_embedding(), self.step, message, list(self.val_losses), list(self.losses)
+        counters = load_resume(
+            data,
+            vectors=self.vectors,
+            optimizer=self.optimizer,
+            model_hash=self.parts.model_hash,
+            trained=self.trained,
+            device=self.parts.device,
+        )
+        self.step, self.loss_smooth, self.val_losses = (
+            counters.step,
+            counters.loss_smooth,
+            counters.val_losses,
         )
 
 
 class _CsvLog:
+    """The per-step CSV log (appended to; a no-op without a path)."""
+
     def __init__(self, path: Path | None, keys: Sequence[str]) -> None:
         self.keys = list(keys)
         self.file = None
@@ -609,6 +639,14 @@ class _CsvLog:
                         "time",
                     ]
                 )
+
+    def __enter__(self) -> _CsvLog:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
     def write(self, p: Progress) -> None:
         if self.file is None:
@@ -633,13 +671,3 @@ class _CsvLog:
         if self.file is not None:
             self.file.close()
             self.file = None
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    return obj
