@@ -103,7 +103,7 @@ def create_embedding(args: CreateArgs, vocabs: Mapping[str, Vocabulary]) -> Crea
     else:
         msg = f"unknown init mode {args.init_mode!r} (text, zeros or random)"
         raise TIError(msg)
-    metadata = {"init_mode": args.init_mode}
+    metadata: dict[str, str] = {"init_mode": args.init_mode}
     if args.init_mode == "text":
         metadata["init_text"] = args.init_text
     elif args.init_mode == "random":

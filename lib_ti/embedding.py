@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 
 from lib_ti.errors import EmbeddingFormatError
+from lib_ti.text.prompt import CHUNK_LENGTH
 
 Kind = Literal["sd1", "sd2", "sdxl", "sdxl_refiner"]
 
@@ -27,7 +28,7 @@ KIND_LABELS: dict[str, str] = {
     "sdxl_refiner": "SDXL refiner (CLIP-G 1280)",
 }
 #: A prompt chunk holds 75 tokens and the hosts never split an embedding across chunks.
-MAX_VECTORS = 75
+MAX_VECTORS = CHUNK_LENGTH
 
 
 def encoder_for_width(width: int, label: str) -> str:

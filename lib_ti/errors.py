@@ -17,3 +17,19 @@ class UnsafeFileError(EmbeddingFormatError):
 
 class InvalidNameError(TIError, ValueError):
     """An embedding name breaks one of the naming rules."""
+
+
+class EmbeddingExists(TIError, FileExistsError):  # noqa: N818 (reads as a sentence)
+    """A file of that name exists and overwriting was not asked for."""
+
+
+class NotFoundError(TIError, LookupError):
+    """The named thing does not exist."""
+
+
+class EmbeddingNotFound(NotFoundError):  # noqa: N818
+    """No embedding of that name in the embeddings folder."""
+
+
+class JobNotFound(NotFoundError):  # noqa: N818
+    """No job with that id."""

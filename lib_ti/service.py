@@ -1,4 +1,5 @@
-"""What the tab and the REST API do (create, merge, train), over a host given as plain callables.
+"""What the tab, the REST API and the command line do (create, merge, train), over a host given as
+plain callables.
 
 No gradio and no host imports: ``lib_ti.host.*`` builds a :class:`HostServices`; tests use real
 tiny models through the same interface.
@@ -6,84 +7,52 @@ tiny models through the same interface.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 from lib_ti.create import CreateArgs, create_embedding
 from lib_ti.embedding import Embedding
-from lib_ti.errors import TIError
+from lib_ti.errors import EmbeddingExists, EmbeddingNotFound, TIError
 from lib_ti.hostinfo import HostServices
-from lib_ti.io.formats import read_embedding, write_embedding
+from lib_ti.io.atomic import atomic_write_bytes
+from lib_ti.io.formats import (
+    SAVE_SUFFIX,
+    TENSOR_SUFFIXES,
+    list_embedding_files,
+    read_embedding,
+    write_embedding,
+)
 from lib_ti.merge import MergeContext, merge_to_embedding
 from lib_ti.names import path_in_folder, validate_name
 from lib_ti.parts import ModelParts
-from lib_ti.training.data import DataArgs, builtin_templates, load_dataset, load_template
+from lib_ti.text.nearest import NearestTokens, nearest_tokens
+from lib_ti.training.captions import builtin_templates, fill_template, load_template, read_caption
+from lib_ti.training.dataset import DataArgs
+from lib_ti.training.images import scan_images
 from lib_ti.training.jobs import Job, JobManager
+from lib_ti.training.loading import load_dataset
+from lib_ti.training.options import TrainRequest
+from lib_ti.training.recipes import resolve
+from lib_ti.training.schedule import LearningRateSchedule, ScheduleArgs
 from lib_ti.training.trainer import Progress, TrainArgs, TrainCallbacks, Trainer
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
-SUFFIX = {"safetensors": ".safetensors", "pt": ".pt"}
+#: a file's identity for the caches: (path, mtime in ns, size)
+FileKey = tuple[str, int, int]
 
 
-@dataclass
-class TrainRequest:
-    embedding: str
-    dataset: str = ""
-    template: str = "subject_filewords"
-    steps: int = 1000
-    batch_size: int = 1
-    grad_accum: int = 1
-    lr: str = "5e-3"
-    lr_shape: str = "constant"
-    warmup_steps: int = 0
-    norm_control: str = "soft"
-    resolution: int | None = None
-    buckets: bool = True
-    flip: bool = False
-    shuffle_tags: bool = False
-    keep_tags: int = 0
-    tag_dropout: float = 0.0
-    repeats: int = 1
-    latent_sampling: str = "deterministic"
-    validation_every: int = 50
-    snapshot_every: int = 0
-    preview_every: int = 0
-    preview_prompt: str = ""
-    train_encoders: list[str] | None = None
-    min_snr_gamma: float = 0.0
-    noise_offset: float = 0.0
-    seed: int = 0
-    resume: bool = False
-    cache_latents_on_disk: bool = False
-    #: the web UI's progress-bar task id (set by the tab; empty from the REST API)
-    task_id: str = ""
-    # other names accepted for the same settings (REST clients):
-    dataset_dir: str = ""
-    learning_rate: str = ""
-    save_every: int = 0
-    #: training size: resolution = sqrt(width * height) rounded to 64 (buckets keep that area)
-    width: int = 0
-    height: int = 0
-
-    def normalized(self) -> TrainRequest:
-        """The request with the other names folded into the main ones."""
-        from dataclasses import replace
-
-        res = self.resolution
-        if self.width and self.height and not res:
-            res = max(64, round((self.width * self.height) ** 0.5 / 64) * 64)
-        return replace(
-            self,
-            dataset=self.dataset or self.dataset_dir,
-            lr=self.learning_rate or self.lr,
-            snapshot_every=self.snapshot_every or self.save_every,
-            resolution=res,
-        )
+def _shared_fields(req: TrainRequest, target: type, **converted: Any) -> dict[str, Any]:
+    """The request's values for the fields of ``target`` (TrainArgs, DataArgs) that have the same name,
+    and ``converted`` ones."""
+    names = {f.name for f in fields(target)} & {f.name for f in fields(TrainRequest)}
+    return {**{name: getattr(req, name) for name in names}, **converted}
 
 
 def _nothing() -> None:
@@ -94,6 +63,11 @@ class Service:
     def __init__(self, host: HostServices) -> None:
         self.host = host
         self.jobs = JobManager()
+        #: file -> its embedding (None: unreadable), so unchanged files are read once
+        self._read_cache: dict[FileKey, Embedding | None] = {}
+        #: (model hash, encoder keys, files) -> the merge context over them
+        self._merge_cache: tuple[tuple[Any, ...], MergeContext] | None = None
+        self._nearest_cache: tuple[tuple[Any, ...], dict[str, NearestTokens]] | None = None
 
     # ------------------------------------------------------------------ files
     def folder(self) -> Path:
@@ -101,28 +75,56 @@ class Service:
 
     def find_embedding_file(self, name: str) -> Path:
         validate_name(name)
-        for suffix in (".safetensors", ".pt", ".bin", ".png", ".webp"):
+        for suffix in (*TENSOR_SUFFIXES, ".png", ".webp"):
             p = self.folder() / f"{name}{suffix}"
             if p.is_file():
                 return p
         for p in sorted(self.folder().rglob(f"{name}.*")):
-            if p.is_file() and ".preview." not in p.name and p.suffix in (".safetensors", ".pt", ".bin"):
+            if p.is_file() and ".preview." not in p.name and p.suffix in TENSOR_SUFFIXES:
                 return p
         msg = f"no embedding named {name!r} in {self.folder()}"
-        raise TIError(msg)
+        raise EmbeddingNotFound(msg)
+
+    def _folder_embeddings(self, suffixes: tuple[str, ...] | None = None) -> list[tuple[Path, Embedding]]:
+        """The readable embeddings of the folder (sub-folders too), each file read once while unchanged."""
+        found: list[tuple[Path, Embedding]] = []
+        seen: dict[FileKey, Embedding | None] = {}
+        for path in list_embedding_files(self.folder()):
+            if suffixes is not None and path.suffix not in suffixes:
+                continue
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            key = (str(path), st.st_mtime_ns, st.st_size)
+            if key in self._read_cache:
+                emb = self._read_cache[key]
+            else:
+                try:
+                    emb = read_embedding(path)
+                except TIError as e:
+                    logger.debug("skipping %s: %s", path, e)
+                    emb = None
+            seen[key] = emb
+            if emb is not None:
+                found.append((path, emb))
+        self._read_cache = seen
+        return found
 
     def write(self, emb: Embedding, *, overwrite: bool, fmt: str | None = None) -> Path:
         fmt = fmt or self.host.save_format()
-        if fmt not in SUFFIX:
-            msg = f"unknown format {fmt!r} (safetensors or pt)"
+        if fmt not in SAVE_SUFFIX:
+            msg = f"unknown format {fmt!r} (one of {', '.join(SAVE_SUFFIX)})"
             raise TIError(msg)
-        path = path_in_folder(self.folder(), emb.name, SUFFIX[fmt])
+        path = path_in_folder(self.folder(), emb.name, SAVE_SUFFIX[fmt])
         others = [
-            p for p in path.parent.glob(f"{emb.name}.*") if p != path and p.suffix in (".safetensors", ".pt")
+            p
+            for p in path.parent.glob(f"{emb.name}.*")
+            if p != path and p.suffix in SAVE_SUFFIX.values() and p.stem == emb.name
         ]
         if others and not overwrite:
             msg = f"an embedding named {emb.name!r} already exists ({others[0].name}); allow overwriting or pick another name"
-            raise FileExistsError(msg)
+            raise EmbeddingExists(msg)
         self.folder().mkdir(parents=True, exist_ok=True)
         out = write_embedding(emb, path, overwrite=overwrite)
         self._write_sidecar(emb, out)
@@ -131,10 +133,6 @@ class Service:
 
     @staticmethod
     def _write_sidecar(emb: Embedding, path: Path) -> None:
-        import json
-
-        from lib_ti.io.atomic import atomic_write_bytes
-
         version = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sdxl_refiner": "SDXL"}[emb.kind]
         desc = emb.metadata.get("init_text") or emb.metadata.get("merge_expression") or ""
         data = {"description": f"{emb.num_vectors} vector(s); {desc}".strip("; "), "sd version": version}
@@ -142,17 +140,11 @@ class Service:
 
     def nearest(self, emb: Embedding, k: int = 5) -> dict[str, list[list[dict[str, Any]]]]:
         """Top-k vocabulary tokens of each vector on the loaded model's encoders."""
-        from dataclasses import asdict
-
-        from lib_ti.text.nearest import NearestTokens, nearest_tokens
-
         parts = self.host.build_parts()
         key = (parts.model_hash, tuple(parts.prompt_encoder.keys))
-        cache = self.host.extra.setdefault("nearest", {})
-        if key not in cache:
-            cache.clear()
-            cache[key] = {e.key: NearestTokens(e) for e in parts.prompt_encoder.encoders}
-        found = nearest_tokens(emb, cache[key], k)
+        if self._nearest_cache is None or self._nearest_cache[0] != key:
+            self._nearest_cache = (key, {e.key: NearestTokens(e) for e in parts.prompt_encoder.encoders})
+        found = nearest_tokens(emb, self._nearest_cache[1], k)
         return {enc: [[asdict(n) for n in row] for row in rows] for enc, rows in found.items()}
 
     # ------------------------------------------------------------------ what the tab shows
@@ -167,31 +159,20 @@ class Service:
 
     def list_embeddings(self, kind: str | None = None) -> list[str]:
         """Names of the readable embeddings in the folder (only those of ``kind`` when given)."""
-        from lib_ti.io.formats import list_embedding_files
-
         names: dict[str, None] = {}
-        for p in list_embedding_files(self.folder()):
-            try:
-                emb = read_embedding(p)
-            except TIError:
-                continue
+        for _, emb in self._folder_embeddings():
             if kind is None or emb.kind == kind or (kind == "sdxl" and emb.kind == "sdxl_refiner"):
                 names.setdefault(emb.name)
         return sorted(names, key=str.lower)
 
     def preview_merge(self, expression: str, name: str = "preview") -> Embedding:
         """What :meth:`merge` would write, without writing it."""
-        parts = self.host.build_parts()
-        return merge_to_embedding(expression, self.merge_context(parts), name)
+        return merge_to_embedding(expression, self.merge_context(self.host.build_parts()), name)
 
     def template_prompts(
         self, template: str, dataset: str, name: str, count: int = 6
     ) -> list[tuple[str, str]]:
         """(image file, a prompt it would get) for the first ``count`` images of ``dataset``."""
-        import random
-
-        from lib_ti.training.data import fill_template, read_caption, scan_images
-
         lines = self._templates(template)
         images, _ = scan_images(dataset)
         rng = random.Random(0)
@@ -214,22 +195,28 @@ class Service:
         return path, result.warnings
 
     def merge_context(self, parts: ModelParts) -> MergeContext:
+        """The merge language's view of the loaded model and the folder; kept while neither changes."""
+        found = self._folder_embeddings(TENSOR_SUFFIXES)
         encs = parts.prompt_encoder.encoders
+        key = (parts.model_hash, encs[0].table_weight.data_ptr(), tuple(e.key for e in encs),
+               tuple(str(p) for p, _ in found), tuple(id(e) for _, e in found))  # fmt: skip
+        if self._merge_cache is not None and self._merge_cache[0] == key:
+            return self._merge_cache[1]
         embeddings: dict[str, Embedding] = {}
-        for p in sorted(self.folder().rglob("*")):
-            if p.suffix in (".safetensors", ".pt", ".bin") and p.is_file():
-                try:
-                    e = read_embedding(p)
-                except TIError:
-                    continue
-                embeddings.setdefault(e.name, e)
-        return MergeContext(
+        for _, emb in found:
+            embeddings.setdefault(emb.name, emb)
+        first = encs[0]
+        ctx = MergeContext(
             encoders=tuple(e.key for e in encs),
-            tokenize=encs[0].tokenize,
+            tokenize=first.tokenize,
             token_vectors=lambda ids: {e.key: e.token_vectors(ids) for e in encs},
             embeddings=embeddings,
-            pad_id=0 if parts.kind == "sd2" else 49407,
+            bos_id=first.tokenizer.id_start,
+            eos_id=first.tokenizer.id_end,
+            pad_id=first.pad_id,
         )
+        self._merge_cache = (key, ctx)
+        return ctx
 
     def merge(self, expression: str, name: str, *, overwrite: bool = False, fmt: str | None = None) -> Path:
         parts = self.host.build_parts()
@@ -238,8 +225,6 @@ class Service:
 
     def _card_preview(self, name: str, image: Path) -> None:
         """The newest preview as ``<name>.preview.<png|webp|jpg>`` beside the embedding (the Extra Networks card)."""
-        from lib_ti.io.atomic import atomic_write_bytes
-
         try:
             suffix = image.suffix.lower() if image.suffix.lower() in (".png", ".webp", ".jpg") else ".png"
             target = path_in_folder(self.folder(), name, ".preview" + suffix)
@@ -248,36 +233,42 @@ class Service:
             logger.warning("could not write the card preview for %s: %s", name, e)
 
     # ------------------------------------------------------------------ train
-    def check_training(self, req: TrainRequest) -> TrainRequest:
-        """Everything that can be checked before a job starts; raises TIError with the reason."""
-        from lib_ti.training.data import scan_images
-        from lib_ti.training.schedule import LearningRateSchedule, ScheduleArgs
-
-        req = req.normalized()
+    def train_request(self, given: Mapping[str, Any] | TrainRequest) -> TrainRequest:
+        """A complete request: a TrainRequest as it is; a mapping over the loaded model's recipe and
+        the user's ``ti_default_*`` settings (the order is in docs/TRAINING.md)."""
         blocked = self.host.training_blocked()
         if blocked:
             raise TIError(blocked)
+        if isinstance(given, TrainRequest):
+            return resolve(asdict(given), "sd1")
+        return resolve(given, self.loaded_kind(), self.host.get_option)
+
+    def check_training(self, given: Mapping[str, Any] | TrainRequest) -> TrainRequest:
+        """Everything that can be checked before a job starts; raises TIError with the reason."""
+        req = self.train_request(given)
         validate_name(req.embedding)
-        if not req.dataset or not Path(req.dataset).is_dir():
-            msg = f"dataset folder {req.dataset!r} does not exist"
+        if not Path(req.dataset_dir).is_dir():
+            msg = f"dataset folder {req.dataset_dir!r} does not exist"
             raise TIError(msg)
         self.find_embedding_file(req.embedding)
-        images, _ = scan_images(req.dataset)
+        images, _ = scan_images(req.dataset_dir)
         if not images:
-            msg = f"no images (png, jpg, jpeg, webp) in {req.dataset}"
+            msg = f"no images (png, jpg, jpeg, webp) in {req.dataset_dir}"
             raise TIError(msg)
-        if req.steps < 1:
-            msg = "steps must be at least 1"
-            raise TIError(msg)
-        LearningRateSchedule(ScheduleArgs(req.lr, req.lr_shape, req.warmup_steps), req.steps)  # type: ignore[arg-type]
+        LearningRateSchedule(ScheduleArgs(req.lr, req.lr_shape, req.warmup_steps), req.steps)
         self._templates(req.template)
         return req
 
-    def start_training(self, req: TrainRequest, *, background: bool = True) -> Job:
-        """Start a training job; raises BusyError at once if one is running, TIError for a bad request."""
-        req = self.check_training(req)
+    def start_training(
+        self, given: Mapping[str, Any] | TrainRequest, *, task_id: str = "", background: bool = True
+    ) -> Job:
+        """Start a training job; raises BusyError at once if one is running, TIError for a bad request.
+
+        ``task_id``: the web UI's progress-bar task (the tab sets it; empty from the REST API).
+        """
+        req = self.check_training(given)
         return self.jobs.submit(
-            "train", req.embedding, lambda job: self._train(job, req), background=background
+            "train", req.embedding, lambda job: self._train(job, req, task_id), background=background
         )
 
     def templates(self) -> dict[str, Path]:
@@ -299,38 +290,36 @@ class Service:
         msg = f"unknown template {template!r}: one of {', '.join(sorted(shipped))}, a file, or lines with [name]"
         raise TIError(msg)
 
-    def _train(self, job: Job, req: TrainRequest) -> None:
+    def _train(self, job: Job, req: TrainRequest, task_id: str) -> None:
         st = job.status
-        src = self.find_embedding_file(req.embedding)
-        start = read_embedding(src)
+        timings = st.timings
+        start = read_embedding(self.find_embedding_file(req.embedding))
         log_dir = Path(self.host.log_dir()) / req.embedding
         log_dir.mkdir(parents=True, exist_ok=True)
         resume_path = log_dir / f"{req.embedding}.resume.safetensors"
-        if req.task_id:
-            self.host.progress_queued(req.task_id)
+        if task_id:
+            self.host.progress_queued(task_id)
         with self.host.exclusive():
-            self.host.progress_begin(f"Training {req.embedding}", req.steps, req.task_id)
+            t0 = time.perf_counter()
+            self.host.progress_begin(f"Training {req.embedding}", req.steps, task_id)
             restore = self.host.freeze_model()
             restore_vae: Callable[[], None] = _nothing
             try:
                 parts = self.host.build_parts()
+                timings["startup"] = time.perf_counter() - t0
                 st.message = "caching latents"
+                t0 = time.perf_counter()
                 data = load_dataset(
                     DataArgs(
-                        req.dataset,
-                        req.embedding,
-                        self._templates(req.template),
-                        resolution=req.resolution or DEFAULT_RESOLUTION[parts.kind],
-                        buckets=req.buckets,
-                        flip=req.flip,
-                        repeats=req.repeats,
-                        shuffle_tags=req.shuffle_tags,
-                        keep_tags=req.keep_tags,
-                        tag_dropout=req.tag_dropout,
-                        latent_sampling=req.latent_sampling,  # type: ignore[arg-type]
-                        cache_dir=str(log_dir / "latents") if req.cache_latents_on_disk else None,
-                        model_hash=parts.model_hash,
-                        seed=req.seed,
+                        **_shared_fields(
+                            req,
+                            DataArgs,
+                            folder=req.dataset_dir,
+                            name=req.embedding,
+                            templates=self._templates(req.template),
+                            cache_dir=str(log_dir / "latents") if req.cache_latents_on_disk else None,
+                            model_hash=parts.model_hash,
+                        )
                     ),
                     parts.encode_image,
                     device=parts.device,
@@ -338,16 +327,17 @@ class Service:
                     progress=lambda done, total: setattr(st, "message", f"caching latents {done}/{total}"),
                 )
                 restore_vae = self.host.release_image_encoder()
+                timings["caching"] = time.perf_counter() - t0
                 args = TrainArgs(
-                    steps=req.steps, batch_size=req.batch_size, grad_accum=req.grad_accum, lr=req.lr,
-                    lr_shape=req.lr_shape,  # type: ignore[arg-type]
-                    warmup_steps=req.warmup_steps, norm_control=req.norm_control,  # type: ignore[arg-type]
-                    validation_every=req.validation_every, snapshot_every=req.snapshot_every,
-                    preview_every=req.preview_every if self.host.preview else 0,
-                    train_encoders=tuple(req.train_encoders) if req.train_encoders else None,
-                    min_snr_gamma=req.min_snr_gamma, noise_offset=req.noise_offset, seed=req.seed,
-                    log_dir=str(log_dir),
-                )  # fmt: skip
+                    **_shared_fields(
+                        req,
+                        TrainArgs,
+                        train_encoders=None if req.train_encoders == "all" else (req.train_encoders,),
+                        log_dir=str(log_dir),
+                    )
+                )
+                if self.host.preview is None:
+                    args.preview_every = 0
                 resume = resume_path.read_bytes() if req.resume and resume_path.exists() else None
                 trainer = Trainer(
                     parts, data, start, args, self._callbacks(job, req, log_dir, resume_path), resume
@@ -359,10 +349,11 @@ class Service:
                 st.state = result.status
                 st.message = result.message
                 st.val_losses = list(result.val_losses)
+                timings.update(result.timings)
             finally:
                 restore_vae()
                 restore()
-                self.host.progress_end(req.task_id)
+                self.host.progress_end(task_id)
 
     def _callbacks(self, job: Job, req: TrainRequest, log_dir: Path, resume_path: Path) -> TrainCallbacks:
         st = job.status
@@ -370,16 +361,15 @@ class Service:
 
         def save(emb: Embedding, reason: str) -> None:
             if reason == "snapshot":
-                p = write_embedding(emb, log_dir / f"{emb.name}-{emb.step}{SUFFIX[fmt]}", overwrite=True)
-            else:
-                p = self.write(emb, overwrite=True, fmt=fmt)
-                if self.host.get_option("ti_pt_copy", False) and fmt != "pt":
-                    write_embedding(emb, log_dir / f"{emb.name}.pt", overwrite=True)
-            st.files.append(str(p))
+                p = write_embedding(emb, log_dir / f"{emb.name}-{emb.step}{SAVE_SUFFIX[fmt]}", overwrite=True)
+                st.snapshots.append(str(p))
+                return
+            p = self.write(emb, overwrite=True, fmt=fmt)
+            if self.host.get_option("ti_pt_copy", False) and fmt != "pt":
+                write_embedding(emb, log_dir / f"{emb.name}.pt", overwrite=True)
+            st.file = str(p)
 
         def save_resume(data: bytes) -> None:
-            from lib_ti.io.atomic import atomic_write_bytes
-
             atomic_write_bytes(resume_path, data)
 
         def progress(p: Progress) -> None:

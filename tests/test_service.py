@@ -13,8 +13,9 @@ from PIL import Image
 from lib_ti.create import CreateArgs
 from lib_ti.hostinfo import HostServices
 from lib_ti.io.formats import read_embedding
-from lib_ti.service import Service, TrainRequest
+from lib_ti.service import Service
 from lib_ti.training.jobs import BusyError
+from lib_ti.training.options import TrainRequest
 
 from . import train_models as tm
 
@@ -71,10 +72,12 @@ def test_train_job_runs_saves_and_logs(env):
     service, emb_dir, log_dir, data_dir, reloads, _ = env
     service.create(CreateArgs("trained", 1, "text", "a painting"))
     job = service.start_training(
-        TrainRequest(
-            "trained",
-            str(data_dir),
+        dict(
+            embedding="trained",
+            dataset_dir=str(data_dir),
             template="subject_filewords",
+            batch_size=1,
+            grad_accum=1,
             steps=3,
             resolution=64,
             validation_every=2,
@@ -99,10 +102,16 @@ def test_second_training_is_refused_while_one_runs(env):
     lock.acquire()  # the "GPU" is taken: the first job waits inside it
     try:
         job = service.start_training(
-            TrainRequest("busy", str(data_dir), steps=50, resolution=64, validation_every=0)
+            {
+                "embedding": "busy",
+                "dataset_dir": str(data_dir),
+                "steps": 50,
+                "resolution": 64,
+                "validation_every": 0,
+            }
         )
         with pytest.raises(BusyError) as e:
-            service.start_training(TrainRequest("busy", str(data_dir), steps=1, resolution=64))
+            service.start_training({"embedding": "busy", "dataset_dir": str(data_dir), "steps": 1})
         assert e.value.job_id == job.id
         job.stop()
     finally:
@@ -158,11 +167,9 @@ def test_rest_api(env):
     assert r.status_code == 200, r.text
     r = client.post("/ti/v1/merge", json={"expression": "'api1' *", "name": "api3"}, auth=auth)
     assert r.status_code == 400
-    assert "column" in r.json()["error"]
-    assert client.get("/ti/v1/embeddings", auth=auth).json()["files"] == [
-        "api1.safetensors",
-        "api2.safetensors",
-    ]
+    assert "column" in r.json()["detail"]
+    listing = client.get("/ti/v1/embeddings", auth=auth).json()["embeddings"]
+    assert [e["file"] for e in listing] == ["api1.safetensors", "api2.safetensors"]
     assert client.get("/ti/v1/inspect/api1", auth=auth).json()["vectors"] == 2
     lock.acquire()
     try:
@@ -175,10 +182,11 @@ def test_rest_api(env):
         }
         r = client.post("/ti/v1/train", json=body, auth=auth)
         assert r.status_code == 202
-        job_id = r.json()["job_id"]
+        assert r.json() == {"job": r.json()["job"]}
+        job_id = r.json()["job"]
         r2 = client.post("/ti/v1/train", json=body, auth=auth)
         assert r2.status_code == 409
-        assert r2.json()["job_id"] == job_id
+        assert r2.json()["job"] == job_id and "busy" in r2.json()["detail"]
         assert client.post(f"/ti/v1/jobs/{job_id}/stop", auth=auth).json()["stopping"] is True
     finally:
         lock.release()
@@ -189,4 +197,8 @@ def test_rest_api(env):
     assert status["steps"] == 40
     assert status["file"].endswith("api1.safetensors")
     assert status["error"] is None
+    assert status["outcome"] == "stopped"
+    for twice in ("id", "total", "eta_seconds", "files", "job_id"):  # each value once
+        assert twice not in status
+    assert client.get("/ti/v1/jobs/nope", auth=auth).json() == {"detail": "no job 'nope'"}
     assert client.get("/ti/v1/jobs/nope", auth=auth).status_code == 404

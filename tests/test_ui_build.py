@@ -107,6 +107,7 @@ def sample_args(host) -> dict[str, object]:
         "template": "subject_filewords",
         "dataset": data,
         "embedding": "one",
+        "form_kind": "sd1",
         "job_id": "",
         "upload": str(host.embeddings_dir() + "/one.safetensors"),
     }
@@ -123,7 +124,7 @@ def form_values(host, **over):
     from lib_ti.ui.train_view import FIELDS
 
     values = {
-        "embedding": "one", "dataset": host.extra["data"], "template": "subject_filewords", "resolution": 64,
+        "embedding": "one", "dataset_dir": host.extra["data"], "template": "subject_filewords", "resolution": 64,
         "buckets": True, "batch_size": 1, "grad_accum": 1, "lr": "5e-3", "steps": 3, "snapshot_every": 2,
         "preview_every": 0, "validation_every": 2, "preview_prompt": "", "norm_control": "soft",
         "lr_shape": "constant", "warmup_steps": 0, "flip": False, "shuffle_tags": False, "keep_tags": 0,
@@ -246,12 +247,14 @@ def test_merge_view(host, folder):
 
 
 def test_train_view_form_helpers(host):
+    from lib_ti.training.options import OPTION_FIELDS
     from lib_ti.ui.train_view import TrainHandlers
 
     h = TrainHandlers(host)
-    update, note = h.refresh(None)
+    update, note, kind, *recipe = h.refresh(None, "sd1")
     assert update["choices"] == ["one"]  # "two" is SDXL: not for the loaded SD1 model
-    assert update["value"] == "one" and "SD1" in note
+    assert update["value"] == "one" and "SD1" in note and kind == "sd1"
+    assert recipe == [gr.update()] * len(recipe)  # the form already holds the SD1 recipe
     assert "until step 100" in h.check_lr("5e-3:100, 1e-3", "constant", 0, 1000)
     bad = h.check_lr("5e-3:abc", "constant", 0, 1000)
     assert "⚠" in bad and "column" in bad
@@ -260,8 +263,14 @@ def test_train_view_form_helpers(host):
     assert "color 0, plain" in prompts and "one" in prompts
     assert "⚠" in h.template_preview("subject_filewords", "/no/such/folder", "one")
     assert "⚠" in h.template_preview("nope", host.extra["data"], "one")
-    *values, note = h.apply_recipe()
-    assert values[:2] == ["5e-3", 2000] and "SD1" in note
+    *values, kind, note = h.apply_recipe()
+    recipe = dict(zip(OPTION_FIELDS, values))
+    assert (recipe["lr"], recipe["steps"], recipe["flip"], kind) == (
+        "5e-3",
+        2000,
+        True,
+        "sd1",
+    ) and "SD1" in note
     assert "subject_filewords" in h.templates() and "style" in h.templates()
 
 
@@ -279,7 +288,7 @@ def test_train_view_runs_follows_and_stops_a_job(host, folder, tmp_path):
     assert read_embedding(folder / "one.safetensors").step == 4  # a new run counts from 0
     assert h.current() == job_id
     # a bad form is refused at once with the reason; the watch keeps that message
-    job2, status = h.start("", *form_values(host, dataset=str(tmp_path / "nothing")))
+    job2, status = h.start("", *form_values(host, dataset_dir=str(tmp_path / "nothing")))
     assert job2 == "" and "does not exist" in status
     assert [f[0] for f in h.watch(job2)] == [gr.update()]
     # stop: a long run stops after its current step and keeps what it learned
@@ -301,11 +310,14 @@ def test_train_request_from_the_form(host):
     from lib_ti.ui.train_view import TrainHandlers
 
     h = TrainHandlers(host)
-    req = h.request("task(x)", *form_values(host, train_encoders="clip_l", resolution=0, seed=7.0))
-    assert req.train_encoders == ["clip_l"] and req.resolution is None and req.seed == 7
-    assert req.task_id == "task(x)"
+    req = h.request(*form_values(host, train_encoders="clip_l", resolution=128.0, seed=7.0, lr=" 1e-3 "))
+    assert (req.train_encoders, req.resolution, req.seed, req.lr) == ("clip_l", 128, 7, "1e-3")
     with pytest.raises(TIError, match="form values"):
-        h.request("", "one")
+        h.request("one")
+    with pytest.raises(TIError, match="norm_control must be one of soft, hard, off"):
+        h.request(*form_values(host, norm_control="bogus"))
+    with pytest.raises(TIError, match="steps must be a whole number"):
+        h.request(*form_values(host, steps=2.5))
 
 
 def test_inspect_view(host, folder):
@@ -366,7 +378,8 @@ def test_plots():
 
 def test_settings_and_recipes():
     from lib_ti.settings import SETTINGS
-    from lib_ti.training.recipes import RECIPES, recipe_for
+    from lib_ti.training.options import OPTION_FIELDS
+    from lib_ti.training.recipes import recipe_for
 
     keys = [s.key for s in SETTINGS]
     assert all(k.startswith("ti_") for k in keys) and len(keys) == len(set(keys))
@@ -377,16 +390,16 @@ def test_settings_and_recipes():
         "ti_preview_format",
         "ti_default_steps",
     } <= set(keys)
-    assert recipe_for("sdxl").lr == "3e-3" and recipe_for("sd1").lr == "5e-3"
-    assert recipe_for("sdxl_refiner") == RECIPES["sdxl"]
+    assert recipe_for("sdxl")["lr"] == "3e-3" and recipe_for("sd1")["lr"] == "5e-3"
+    assert recipe_for("sdxl_refiner") == recipe_for("sdxl") and recipe_for("sd2")["resolution"] == 768
+    assert list(recipe_for("sd1")) == list(OPTION_FIELDS)
     opts = {"ti_default_steps": 500, "ti_default_lr": " 1e-3 ", "ti_default_batch_size": "bad"}
     r = recipe_for("sd1", lambda k, d: opts.get(k, d))
-    assert (r.steps, r.lr, r.batch_size) == (500, "1e-3", RECIPES["sd1"].batch_size)
+    assert (r["steps"], r["lr"], r["batch_size"]) == (500, "1e-3", recipe_for("sd1")["batch_size"])
 
 
 def test_user_templates_and_pt_copy(host, tmp_path):
     from lib_ti.create import CreateArgs
-    from lib_ti.service import TrainRequest
 
     service = host.extra["service"]
     user = tmp_path / "mytemplates"
@@ -399,9 +412,16 @@ def test_user_templates_and_pt_copy(host, tmp_path):
     assert service.templates()["subject"].parent.name == "templates"
     service.create(CreateArgs("copyme", 1, "zeros"))
     job = service.start_training(
-        TrainRequest(
-            "copyme", host.extra["data"], template="mine", steps=1, resolution=64, validation_every=0
-        ),
+        {
+            "embedding": "copyme",
+            "dataset_dir": host.extra["data"],
+            "template": "mine",
+            "steps": 1,
+            "resolution": 64,
+            "validation_every": 0,
+            "batch_size": 1,
+            "grad_accum": 1,
+        },
         background=False,
     )
     assert job.status.state == "finished", job.status.message

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from lib_ti.errors import EmbeddingExists
+
 
 def atomic_write(
     path: str | os.PathLike[str], write: Callable[[BinaryIO], None], *, overwrite: bool = True
@@ -23,7 +25,7 @@ def atomic_write(
         raise IsADirectoryError(msg)
     if not overwrite and target.exists():
         msg = f"{target} already exists (overwrite was not asked for)"
-        raise FileExistsError(msg)
+        raise EmbeddingExists(msg)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -32,7 +34,7 @@ def atomic_write(
             os.fsync(f.fileno())
         if not overwrite and target.exists():
             msg = f"{target} already exists (overwrite was not asked for)"
-            raise FileExistsError(msg)
+            raise EmbeddingExists(msg)
         os.replace(tmp_name, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -43,4 +45,8 @@ def atomic_write(
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = True) -> Path:
     """Write ``data`` to ``path`` atomically."""
-    return atomic_write(path, lambda f: f.write(data), overwrite=overwrite)
+
+    def write(f: BinaryIO) -> None:
+        f.write(data)
+
+    return atomic_write(path, write, overwrite=overwrite)

@@ -110,6 +110,11 @@ class TextEncoder:
             t = torch.as_tensor(list(ids), dtype=torch.long, device=self.device)
             return self.table(t).detach()
 
+    @property
+    def pad_id(self) -> int:
+        """The id after the first end-of-text token (49407 CLIP-L; 0 open_clip and the hosts' CLIP-G)."""
+        return self.tokenizer.id_end if self.settings.id_pad is None else self.settings.id_pad
+
     def text_vectors(self, text: str) -> torch.Tensor:
         """The token embeddings of a text (the init-text lookup): [tokens, D]."""
         return self.token_vectors(self.tokenize(text))
@@ -161,7 +166,8 @@ class HFClipEncoder(TextEncoder):
         projection: nn.Module | torch.Tensor | None = None,
     ) -> None:
         super().__init__(key, tokenizer, settings)
-        self.text_model = getattr(model, "text_model", model)
+        #: transformers' CLIPTextTransformer (duck-typed: its attributes differ across versions)
+        self.text_model: Any = getattr(model, "text_model", model)
         self.projection = projection if projection is not None else getattr(model, "text_projection", None)
         self.width = int(self.table.weight.shape[1])
 
@@ -209,7 +215,8 @@ class OpenClipEncoder(TextEncoder):
         self, key: str, model: nn.Module, tokenizer: TokenizerInfo, settings: EncoderSettings
     ) -> None:
         super().__init__(key, tokenizer, settings)
-        self.model = model
+        #: open_clip's text tower (duck-typed: its attributes differ across versions)
+        self.model: Any = model
         self.width = int(self.table.weight.shape[1])
 
     @property
@@ -339,32 +346,56 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+_CACHED = "_lib_ti_tokenizer_info"
+
+
+def _cached(tokenizer: Any, make: Callable[[], TokenizerInfo]) -> TokenizerInfo:
+    """One TokenizerInfo per tokenizer object, kept on it (the model parts are rebuilt at each use)."""
+    info = getattr(tokenizer, _CACHED, None)
+    if isinstance(info, TokenizerInfo):
+        return info
+    info = make()
+    try:
+        setattr(tokenizer, _CACHED, info)
+    except AttributeError:
+        logger.debug("cannot cache the tokenizer info on %s", type(tokenizer).__name__)
+    return info
+
+
 def hf_tokenizer_info(tokenizer: Any) -> TokenizerInfo:
     """TokenizerInfo for a transformers CLIPTokenizer, called as A1111 does (no truncation, no specials)."""
 
-    def tokenize(texts: Sequence[str]) -> list[list[int]]:
-        return tokenizer(list(texts), truncation=False, add_special_tokens=False)["input_ids"]
+    def make() -> TokenizerInfo:
+        def tokenize(texts: Sequence[str]) -> list[list[int]]:
+            return tokenizer(list(texts), truncation=False, add_special_tokens=False)["input_ids"]
 
-    vocab = tokenizer.get_vocab()
-    by_id = {i: t for t, i in vocab.items()}
-    byte_decoder = getattr(tokenizer, "byte_decoder", None)
+        vocab = tokenizer.get_vocab()
+        by_id = {i: t for t, i in vocab.items()}
+        byte_decoder = getattr(tokenizer, "byte_decoder", None)
 
-    def decode(token_id: int) -> str:
-        return bpe_to_text(by_id.get(token_id, "?"), byte_decoder)
+        def decode(token_id: int) -> str:
+            return bpe_to_text(by_id.get(token_id, "?"), byte_decoder)
 
-    return TokenizerInfo(tokenize, tokenizer.bos_token_id, tokenizer.eos_token_id, vocab.get(",</w>"), decode)
+        return TokenizerInfo(
+            tokenize, tokenizer.bos_token_id, tokenizer.eos_token_id, vocab.get(",</w>"), decode
+        )
+
+    return _cached(tokenizer, make)
 
 
 def open_clip_tokenizer_info(tokenizer: Any) -> TokenizerInfo:
     """TokenizerInfo for open_clip's ``SimpleTokenizer`` (``open_clip.tokenizer._tokenizer``)."""
 
-    def tokenize(texts: Sequence[str]) -> list[list[int]]:
-        return [tokenizer.encode(t) for t in texts]
+    def make() -> TokenizerInfo:
+        def tokenize(texts: Sequence[str]) -> list[list[int]]:
+            return [tokenizer.encode(t) for t in texts]
 
-    enc = tokenizer.encoder
-    byte_decoder = getattr(tokenizer, "byte_decoder", None)
+        enc = tokenizer.encoder
+        byte_decoder = getattr(tokenizer, "byte_decoder", None)
 
-    def decode(token_id: int) -> str:
-        return bpe_to_text(tokenizer.decoder.get(token_id, "?"), byte_decoder)
+        def decode(token_id: int) -> str:
+            return bpe_to_text(tokenizer.decoder.get(token_id, "?"), byte_decoder)
 
-    return TokenizerInfo(tokenize, enc["<start_of_text>"], enc["<end_of_text>"], enc.get(",</w>"), decode)
+        return TokenizerInfo(tokenize, enc["<start_of_text>"], enc["<end_of_text>"], enc.get(",</w>"), decode)
+
+    return _cached(tokenizer, make)

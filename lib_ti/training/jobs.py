@@ -9,7 +9,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from lib_ti.errors import TIError
 
@@ -24,12 +24,20 @@ class BusyError(TIError):
         self.job_id = job_id
 
 
+#: every state of a job: waiting for the GPU lock, running, or how it ended
+JobState = Literal[
+    "queued", "running", "finished", "early_stopped", "stopped", "model_changed", "failed", "error"
+]
+#: the states of a job that has not ended
+ACTIVE_STATES: tuple[JobState, ...] = ("queued", "running")
+
+
 @dataclass
 class JobStatus:
     id: str
     kind: str
     name: str
-    state: str = "queued"  # queued, running, finished, stopped, early_stopped, failed, model_changed, error
+    state: JobState = "queued"
     step: int = 0
     total: int = 0
     loss: float | None = None
@@ -39,7 +47,10 @@ class JobStatus:
     images_per_sec: float | None = None
     eta_seconds: float | None = None
     message: str = ""
-    files: list[str] = field(default_factory=list)
+    #: the embedding file in the embeddings folder, once saved
+    file: str | None = None
+    #: snapshot files in the log folder
+    snapshots: list[str] = field(default_factory=list)
     previews: list[str] = field(default_factory=list)
     losses: list[tuple[int, float]] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
@@ -47,10 +58,12 @@ class JobStatus:
     norms: dict[str, list[float]] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     ended: float | None = None
+    #: seconds spent in each phase: startup, caching, steps, validation, saving, previews
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def running(self) -> bool:
-        return self.state in ("queued", "running")
+        return self.state in ACTIVE_STATES
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

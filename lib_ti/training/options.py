@@ -1,8 +1,17 @@
-"""The value sets of training options, shared by the trainer, the REST API and the Train view."""
+"""A training request: every option of a run, its type and its allowed values, declared once.
+
+The REST API's body, the Train view's form and the trainer's arguments are all derived from
+:class:`TrainRequest`. Omitted values come from :func:`lib_ti.training.recipes.resolve` (the recipe of
+the loaded model's kind, then the user's ``ti_default_*`` settings).
+"""
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+import typing
+from dataclasses import dataclass, fields
+from typing import Any, Literal, get_args
+
+from lib_ti.errors import TIError
 
 LrShape = Literal["constant", "cosine", "linear"]
 NormControl = Literal["soft", "hard", "off"]
@@ -15,3 +24,112 @@ TrainEncoders = Literal["all", "clip_l", "clip_g"]
 def choices(literal: object) -> tuple[str, ...]:
     """The allowed values of one of the Literal types above."""
     return tuple(get_args(literal))
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """One training run as the tab, the REST API and the command line ask for it.
+
+    The defaults are the SD1 recipe; :func:`lib_ti.training.recipes.resolve` fills what a caller
+    left out from the loaded model's recipe instead.
+    """
+
+    #: name of an embedding in the embeddings folder (made for the loaded model)
+    embedding: str
+    #: folder of images (captions in .txt files beside them, optional)
+    dataset_dir: str
+    #: a shipped or user template name, a file, or lines with [name] / [filewords]
+    template: str = "subject_filewords"
+    steps: int = 2000
+    batch_size: int = 2
+    grad_accum: int = 2
+    #: a rate or a schedule like ``5e-3:100, 1e-3:1000``
+    lr: str = "5e-3"
+    lr_shape: LrShape = "constant"
+    warmup_steps: int = 100
+    norm_control: NormControl = "soft"
+    #: bucket area = resolution² (SD1 512, SD2 768, SDXL 1024)
+    resolution: int = 512
+    buckets: bool = True
+    flip: bool = True
+    shuffle_tags: bool = True
+    keep_tags: int = 0
+    tag_dropout: float = 0.0
+    repeats: int = 1
+    latent_sampling: LatentSampling = "random"
+    validation_every: int = 50
+    snapshot_every: int = 250
+    preview_every: int = 250
+    #: empty: "a photo of <name>"
+    preview_prompt: str = ""
+    train_encoders: TrainEncoders = "all"
+    min_snr_gamma: float = 0.0
+    noise_offset: float = 0.0
+    seed: int = 0
+    #: continue the last stopped run of this embedding
+    resume: bool = False
+    cache_latents_on_disk: bool = False
+
+
+#: the fields every request must name (they have no recipe value)
+REQUIRED = ("embedding", "dataset_dir")
+#: every option a recipe gives a value, in the form's order
+OPTION_FIELDS = tuple(f.name for f in fields(TrainRequest) if f.name not in REQUIRED)
+#: field name -> its type (int, float, bool, str, or a Literal)
+FIELD_TYPES: dict[str, Any] = typing.get_type_hints(TrainRequest)
+#: the bounds of the integer fields that have one
+MINIMUM = {"steps": 1, "batch_size": 1, "grad_accum": 1, "resolution": 64, "repeats": 1}
+
+
+def _type_name(kind: Any) -> str:
+    return {int: "whole number", float: "number", bool: "boolean", str: "string"}.get(kind, str(kind))
+
+
+def coerce(name: str, value: Any) -> Any:
+    """``value`` as the type of field ``name`` (the tab gives floats for integers); TIError if it is not one."""
+    if name not in FIELD_TYPES:
+        msg = f"unknown training option {name!r}; the options are: {', '.join(FIELD_TYPES)}"
+        raise TIError(msg)
+    kind = FIELD_TYPES[name]
+    allowed = choices(kind)
+    try:
+        if allowed:
+            value = "" if value is None else str(value)
+            if value not in allowed:
+                msg = f"{name} must be one of {', '.join(allowed)} (got {value!r})"
+                raise TIError(msg)
+            return value
+        if kind is bool:
+            return bool(value)
+        if kind is int:
+            number = float(value or 0)
+            if number != int(number):
+                msg = f"{name} must be a whole number (got {value!r})"
+                raise TIError(msg)
+            return int(number)
+        if kind is float:
+            return float(value or 0)
+        return "" if value is None else str(value).strip()
+    except (TypeError, ValueError) as e:
+        msg = f"{name} must be a {_type_name(kind)} (got {value!r})"
+        raise TIError(msg) from e
+
+
+def check(req: TrainRequest) -> None:
+    """The values' types, sets and bounds; raises TIError naming the field."""
+    for name in FIELD_TYPES:
+        value = getattr(req, name)
+        if coerce(name, value) != value:
+            msg = f"{name} must be a {_type_name(FIELD_TYPES[name])} (got {value!r})"
+            raise TIError(msg)
+    for name, low in MINIMUM.items():
+        if getattr(req, name) < low:
+            msg = f"{name} must be at least {low} (got {getattr(req, name)})"
+            raise TIError(msg)
+    for name in ("warmup_steps", "keep_tags", "validation_every", "snapshot_every", "preview_every", "seed"):
+        if getattr(req, name) < 0:
+            msg = f"{name} must not be negative (got {getattr(req, name)})"
+            raise TIError(msg)
+    if not 0.0 <= req.tag_dropout < 1.0:
+        msg = f"tag_dropout must be in [0, 1) (got {req.tag_dropout})"
+        raise TIError(msg)

@@ -1,37 +1,32 @@
-"""Default training values per model kind (the recipe in docs/TRAINING.md), overridable in settings."""
+"""Default training values per model kind (the recipe in docs/TRAINING.md), overridable in settings.
+
+Where a value of a run comes from, first match wins: the request (the tab's form, the REST body),
+the user's ``ti_default_*`` settings, the recipe of the loaded model's kind, :class:`TrainRequest`'s
+defaults (the SD1 recipe).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import fields
 from typing import Any
 
+from lib_ti.errors import TIError
+from lib_ti.training.options import OPTION_FIELDS, REQUIRED, TrainRequest, check, coerce
 
-@dataclass(frozen=True)
-class Recipe:
-    vectors: int
-    lr: str
-    steps: int
-    batch_size: int
-    grad_accum: int
-    resolution: int
-    template: str
-    snapshot_every: int
-    preview_every: int
-    validation_every: int
-    warmup_steps: int
-    norm_control: str = "soft"
-    flip: bool = True
-    shuffle_tags: bool = True
-    latent_sampling: str = "random"
+#: what differs from TrainRequest's defaults (the SD1 recipe: 5e-3 at effective batch 4, the
+#: paper's and A1111's value); ~3e-3 at effective batch 4 for SDXL.
+KIND_RECIPES: dict[str, dict[str, Any]] = {
+    "sd1": {},
+    "sd2": {"resolution": 768},
+    "sdxl": {
+        "lr": "3e-3", "steps": 1200, "batch_size": 1, "grad_accum": 4, "resolution": 1024,
+        "snapshot_every": 200, "preview_every": 200, "warmup_steps": 60,
+    },
+}  # fmt: skip
 
-
-#: 5e-3 at effective batch 4 for SD1/SD2 (the paper's and A1111's value); ~3e-3 for SDXL.
-RECIPES: dict[str, Recipe] = {
-    "sd1": Recipe(2, "5e-3", 2000, 2, 2, 512, "subject_filewords", 250, 250, 50, 100),
-    "sd2": Recipe(2, "5e-3", 2000, 2, 2, 768, "subject_filewords", 250, 250, 50, 100),
-    "sdxl": Recipe(2, "3e-3", 1200, 1, 4, 1024, "subject_filewords", 200, 200, 50, 60),
-}
+#: vectors per token of a new embedding (the Create view), unless ``ti_default_vectors`` says otherwise
+DEFAULT_VECTORS = 2
 
 #: settings keys that override a recipe field when set (0 or empty: keep the recipe's value)
 OVERRIDES = {
@@ -39,23 +34,66 @@ OVERRIDES = {
     "ti_default_lr": "lr",
     "ti_default_batch_size": "batch_size",
     "ti_default_grad_accum": "grad_accum",
-    "ti_default_vectors": "vectors",
 }
 
+GetOption = Callable[[str, Any], Any]
 
-def recipe_for(kind: str, get_option: Callable[[str, Any], Any] | None = None) -> Recipe:
-    """The recipe for ``kind`` (sdxl_refiner and unknown kinds fall back to sdxl / sd1) with settings applied."""
-    base = RECIPES.get(kind) or (RECIPES["sdxl"] if kind.startswith("sdxl") else RECIPES["sd1"])
-    if get_option is None:
-        return base
-    changes: dict[str, Any] = {}
-    for key, name in OVERRIDES.items():
-        value = get_option(key, None)
-        if value in (None, "", 0):
-            continue
-        try:
-            changes[name] = str(value).strip() if name == "lr" else int(float(value))
-        except (TypeError, ValueError):
-            continue
-    # a blank lr or a value that rounds to 0 keeps the recipe's value
-    return replace(base, **{k: v for k, v in changes.items() if v not in ("", 0)})
+
+def _kind(kind: str) -> str:
+    """sdxl_refiner and unknown kinds fall back to sdxl / sd1."""
+    if kind in KIND_RECIPES:
+        return kind
+    return "sdxl" if kind.startswith("sdxl") else "sd1"
+
+
+def _setting(get_option: GetOption | None, key: str, field: str) -> Any:
+    """The user's value of a ``ti_default_*`` setting, or None when unset, 0, blank or unusable."""
+    value = get_option(key, None) if get_option else None
+    if value in (None, "", 0):
+        return None
+    try:
+        value = coerce(field, value)
+    except TIError:
+        return None
+    return value if value not in ("", 0) else None
+
+
+def recipe_for(kind: str, get_option: GetOption | None = None) -> dict[str, Any]:
+    """Every option's value for ``kind``, with the user's settings applied (OPTION_FIELDS order)."""
+    base: dict[str, Any] = {f.name: f.default for f in fields(TrainRequest) if f.name not in REQUIRED}
+    base.update(KIND_RECIPES[_kind(kind)])
+    for key, field in OVERRIDES.items():
+        value = _setting(get_option, key, field)
+        if value is not None:
+            base[field] = value
+    base["warmup_steps"] = _warmup(base["warmup_steps"], base["steps"])
+    return {name: base[name] for name in OPTION_FIELDS}
+
+
+def _warmup(recipe: int, steps: int) -> int:
+    """A short run keeps at most a tenth of itself for warmup."""
+    return min(recipe, steps // 10)
+
+
+def default_vectors(get_option: GetOption | None = None) -> int:
+    value = get_option("ti_default_vectors", None) if get_option else None
+    try:
+        n = int(float(value or 0))
+    except (TypeError, ValueError):
+        n = 0
+    return n if n > 0 else DEFAULT_VECTORS
+
+
+def resolve(given: Mapping[str, Any], kind: str, get_option: GetOption | None = None) -> TrainRequest:
+    """A complete, checked request: ``given`` values (coerced to their types) over the recipe."""
+    values = recipe_for(kind, get_option)
+    values.update({name: coerce(name, value) for name, value in given.items()})
+    missing = [name for name in REQUIRED if not values.get(name)]
+    if missing:
+        msg = f"missing {', '.join(missing)}"
+        raise TIError(msg)
+    if "warmup_steps" not in given:
+        values["warmup_steps"] = _warmup(values["warmup_steps"], values["steps"])
+    req = TrainRequest(**values)
+    check(req)
+    return req

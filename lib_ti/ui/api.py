@@ -1,68 +1,172 @@
-"""REST routes under ``/ti/v1`` (FastAPI; pydantic 1 on A1111, 2 on Forge), with the host API's auth."""
+"""REST routes under ``/ti/v1`` (FastAPI; pydantic 1 on A1111, 2 on Forge), with the host API's auth.
+
+Bodies are strict: an unknown field or a value outside a field's set is a 422 naming the field (and
+the allowed values); the names older clients used are accepted through :data:`TRAIN_ALIASES`, and two
+names for one field with different values are a 400. Every error body is ``{"detail": "..."}``.
+``GET /ti/v1/schema`` gives the JSON schema of each body.
+"""
 
 from __future__ import annotations
 
+import difflib
+import functools
 import logging
 import secrets
-import typing
-from collections.abc import Callable
-from dataclasses import MISSING, asdict, fields
-from typing import Any, Optional
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, fields
+from typing import Any, Literal, Optional, Union
 
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import Body, Depends, FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
-from pydantic import BaseModel, create_model
+from pydantic import BaseModel, ValidationError, create_model
 
-from lib_ti.create import CreateArgs
-from lib_ti.errors import TIError
+from lib_ti.create import CreateArgs, InitMode
+from lib_ti.errors import EmbeddingExists, JobNotFound, NotFoundError, TIError
 from lib_ti.io.formats import read_embedding
 from lib_ti.io.library import list_files
-from lib_ti.service import Service, TrainRequest
+from lib_ti.service import Service
 from lib_ti.stats import embedding_stats
-from lib_ti.training.jobs import BusyError
+from lib_ti.training.jobs import BusyError, JobStatus
+from lib_ti.training.options import FIELD_TYPES, REQUIRED, TrainRequest, choices
 
 logger = logging.getLogger(__name__)
 PREFIX = "/ti/v1"
+PYDANTIC_2 = hasattr(BaseModel, "model_validate")
+
+SaveFormat = Literal["safetensors", "pt"]
+
+#: other names clients used for training fields -> the field's name
+TRAIN_ALIASES = {"dataset": "dataset_dir", "learning_rate": "lr", "save_every": "snapshot_every"}
+#: ``width`` and ``height`` (given together) stand for ``resolution`` = sqrt(width x height), rounded to 64
+SIZE_FIELDS = ("width", "height")
 
 
-def dump(model: BaseModel) -> dict[str, Any]:
-    """Model fields as a dict on pydantic 1 and 2."""
-    return model.model_dump() if hasattr(model, "model_dump") else model.dict()
+class ApiError(Exception):
+    def __init__(self, status: int, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.extra = status, detail, extra
 
 
-class CreateBody(BaseModel):
+class StrictBody(BaseModel):
+    """Unknown fields are an error (pydantic 1 reads ``Config``, pydantic 2 ``model_config``)."""
+
+    if PYDANTIC_2:
+        model_config = {"extra": "forbid"}
+    else:
+
+        class Config:
+            extra = "forbid"
+
+
+class CreateBody(StrictBody):
     name: str
     vectors: int = 1
-    init_mode: str = "text"
+    init_mode: InitMode = "text"
     init_text: str = "*"
     seed: Optional[int] = None  # noqa: UP045 (pydantic 1 on Python 3.10 needs Optional)
     overwrite: bool = False
-    format: Optional[str] = None  # noqa: UP045
+    format: Optional[SaveFormat] = None  # noqa: UP045
 
 
-class MergeBody(BaseModel):
+class MergeBody(StrictBody):
     expression: str
     name: str
     overwrite: bool = False
-    format: Optional[str] = None  # noqa: UP045
+    format: Optional[SaveFormat] = None  # noqa: UP045
 
 
-def _model_from_dataclass(name: str, cls: type) -> type[BaseModel]:
-    """A pydantic model (v1 or v2) with the fields and defaults of a dataclass."""
-    hints = typing.get_type_hints(cls)
-    spec = {f.name: (hints[f.name], f.default if f.default is not MISSING else ...) for f in fields(cls)}
-    return create_model(name, **spec)  # type: ignore[call-overload]
-
-
-#: The body of POST /ti/v1/train: the fields of lib_ti.service.TrainRequest.
-TrainBody = _model_from_dataclass("TrainBody", TrainRequest)
-
-
-class InspectBody(BaseModel):
+class InspectBody(StrictBody):
     name: str
     #: top-k nearest vocabulary tokens per vector and encoder (needs the loaded model; 0: none)
     nearest: int = 5
+
+
+def _train_body() -> type[BaseModel]:
+    """The body of POST /ti/v1/train: TrainRequest's fields; all but the required ones may be left out
+    (then the loaded model's recipe and the user's settings decide)."""
+    spec: dict[str, Any] = {}
+    for f in fields(TrainRequest):
+        kind = FIELD_TYPES[f.name]
+        if kind is str and f.name == "lr":
+            kind = Union[str, float]  # noqa: UP007 (a bare number is a rate too)
+        spec[f.name] = (kind, ...) if f.name in REQUIRED else (Optional[kind], None)  # noqa: UP045
+    return create_model("TrainBody", __base__=StrictBody, **spec)
+
+
+TrainBody = _train_body()
+#: the value sets of the other bodies' fields
+_CHOICES: dict[str, Any] = {"init_mode": InitMode, "format": SaveFormat}
+BODIES: dict[str, type[BaseModel]] = {
+    "create": CreateBody,
+    "merge": MergeBody,
+    "inspect": InspectBody,
+    "train": TrainBody,
+}
+
+
+def _schema(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_json_schema() if PYDANTIC_2 else model.schema()  # type: ignore[attr-defined]
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields if PYDANTIC_2 else model.__fields__)  # type: ignore[attr-defined]
+
+
+def _error_text(model: type[BaseModel], err: Mapping[str, Any], given: Mapping[str, Any]) -> str:
+    loc = [str(x) for x in err.get("loc", ()) if x != "__root__"]
+    name = loc[0] if loc else ""
+    known = _field_names(model)
+    if name and name not in known:
+        close = difflib.get_close_matches(name, [*known, *TRAIN_ALIASES], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown field {name!r}{hint}; the fields are: {', '.join(known)}"
+    allowed = choices(FIELD_TYPES.get(name)) or choices(_CHOICES.get(name))
+    if allowed:
+        return f"{name} must be one of {', '.join(allowed)} (got {given.get(name)!r})"
+    return f"{name}: {err.get('msg', 'invalid value')}" if name else str(err.get("msg", "invalid body"))
+
+
+def validate(model: type[BaseModel], data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` checked against ``model``: the given fields (null: left out), or ApiError 422."""
+    if not isinstance(data, Mapping):
+        raise ApiError(422, "the body must be a JSON object")
+    try:
+        parsed = model.model_validate(dict(data)) if PYDANTIC_2 else model.parse_obj(dict(data))  # type: ignore[attr-defined]
+    except ValidationError as e:
+        raise ApiError(422, "; ".join(_error_text(model, err, data) for err in e.errors())) from e
+    values: dict[str, Any] = parsed.model_dump() if PYDANTIC_2 else parsed.dict()  # type: ignore[union-attr]
+    defaults = {k: v for k, v in values.items() if k not in data}
+    given = {k: v for k, v in values.items() if k in data and v is not None}
+    return {**defaults, **given} if model is not TrainBody else given
+
+
+def unalias(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A training body with the older names folded into the fields' names; ApiError 400 on a conflict."""
+    out = {k: v for k, v in data.items() if k not in TRAIN_ALIASES and k not in SIZE_FIELDS}
+    for alias, name in TRAIN_ALIASES.items():
+        if alias not in data:
+            continue
+        if name in data and data[name] != data[alias]:
+            msg = f"{alias!r} and {name!r} name the same field with different values; send only {name!r}"
+            raise ApiError(400, msg)
+        out[name] = data[alias]
+    given = [k for k in SIZE_FIELDS if data.get(k) is not None]
+    if given:
+        if len(given) == 1:
+            raise ApiError(422, f"{given[0]} needs {({'width': 'height', 'height': 'width'})[given[0]]} too")
+        try:
+            w, h = int(data["width"]), int(data["height"])
+        except (TypeError, ValueError) as e:
+            raise ApiError(422, "width and height must be whole numbers") from e
+        if w < 64 or h < 64:
+            raise ApiError(422, "width and height must be at least 64")
+        res = max(64, round((w * h) ** 0.5 / 64) * 64)
+        if data.get("resolution") is not None and data["resolution"] != res:
+            msg = f"width x height gives resolution {res} but resolution is {data['resolution']}; send one"
+            raise ApiError(400, msg)
+        out["resolution"] = res
+    return out
 
 
 #: our detailed states -> the API's: queued, running, done, stopped, failed
@@ -70,19 +174,25 @@ STATE = {"queued": "queued", "running": "running", "finished": "done", "early_st
          "stopped": "stopped", "model_changed": "stopped", "failed": "failed", "error": "failed"}  # fmt: skip
 
 
-def status_view(st: Any) -> dict[str, Any]:
-    d = st.to_dict()
-    d.update(
-        job=st.id,
-        state=STATE.get(st.state, st.state),
-        detail=st.state,
-        steps=st.total,
-        eta_s=st.eta_seconds,
-        file=st.files[-1] if st.files else None,
-        preview=st.previews[-1] if st.previews else None,
-        error=st.message if st.state in ("failed", "error") else None,
-    )
-    return d
+def status_view(st: JobStatus) -> dict[str, Any]:
+    """A job's status, each value once."""
+    d = asdict(st)
+    failed = st.state in ("failed", "error")
+    view: dict[str, Any] = {
+        "job": d.pop("id"),
+        "kind": d.pop("kind"),
+        "name": d.pop("name"),
+        "state": STATE.get(st.state, st.state),
+        #: how it ended, in detail (None while queued or running)
+        "outcome": None if st.running else d["state"],
+        "step": d.pop("step"),
+        "steps": d.pop("total"),
+        "eta_s": d.pop("eta_seconds"),
+        "message": None if failed else st.message,
+        "error": st.message if failed else None,
+    }
+    view.update({k: v for k, v in d.items() if k not in ("state", "message")})
+    return view
 
 
 def describe(emb: Any) -> dict[str, Any]:
@@ -107,20 +217,49 @@ def basic_auth(credentials: str | None) -> Callable[..., None] | None:
     return check
 
 
-def _error(e: Exception, status: int = 400) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": str(e)})
+def http_status(e: Exception) -> int:
+    """The HTTP status of an error, by its type."""
+    if isinstance(e, ApiError):
+        return e.status
+    if isinstance(e, NotFoundError):
+        return 404
+    if isinstance(e, (EmbeddingExists, BusyError)):
+        return 409
+    return 400
+
+
+def error_response(e: Exception) -> JSONResponse:
+    content: dict[str, Any] = {"detail": e.detail if isinstance(e, ApiError) else str(e)}
+    if isinstance(e, ApiError):
+        content.update(e.extra)
+    if isinstance(e, BusyError):
+        content["job"] = e.job_id
+    return JSONResponse(status_code=http_status(e), content=content)
+
+
+def handled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Our errors as ``{"detail": ...}`` responses with the status of their type."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ApiError, TIError) as e:
+            return error_response(e)
+
+    return wrapper
 
 
 def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
     deps = [Depends(dep)] if (dep := basic_auth(auth)) else []
 
     def route(path: str, fn: Callable[..., Any], method: str) -> None:
-        app.add_api_route(PREFIX + path, fn, methods=[method], dependencies=deps)
+        app.add_api_route(PREFIX + path, handled(fn), methods=[method], dependencies=deps)
 
     def embeddings() -> Any:
         folder = service.folder()
         status = service.host.embedding_status()
-        items = []
+        items: list[dict[str, Any]] = []
         for entry in list_files(folder):
             try:
                 emb = read_embedding(entry.path)
@@ -131,88 +270,65 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
                           "step": emb.step, "host": status.get(emb.name, "not loaded")})  # fmt: skip
         return {
             "folder": str(folder),
-            "files": [i["file"] for i in items],
             "embeddings": items,
             "loaded": sorted(n for n, v in status.items() if v == "loaded"),
             "skipped": sorted(n for n, v in status.items() if v == "skipped"),
         }
 
     def inspect(name: str) -> Any:
-        try:
-            emb = read_embedding(service.find_embedding_file(name))
-        except TIError as e:
-            return _error(e, 404)
-        return describe(emb)
+        return describe(read_embedding(service.find_embedding_file(name)))
 
-    def inspect_post(body: InspectBody) -> Any:
-        b = dump(body)
-        try:
-            emb = read_embedding(service.find_embedding_file(b["name"]))
-            out = describe(emb)
-            if b["nearest"] > 0:
-                out["nearest"] = service.nearest(emb, int(b["nearest"]))
-        except TIError as e:
-            return _error(e, 404 if "no embedding named" in str(e) else 400)
+    def inspect_post(body: dict = Body(...)) -> Any:  # noqa: B008
+        b = validate(InspectBody, body)
+        emb = read_embedding(service.find_embedding_file(b["name"]))
+        out = describe(emb)
+        if b["nearest"] > 0:
+            out["nearest"] = service.nearest(emb, int(b["nearest"]))
         return out
 
-    def create(body: CreateBody) -> Any:
-        b = dump(body)
-        try:
-            path, warnings = service.create(
-                CreateArgs(b["name"], b["vectors"], b["init_mode"], b["init_text"], b["seed"]),
-                overwrite=b["overwrite"],
-                fmt=b["format"],
-            )
-        except FileExistsError as e:
-            return _error(e, 409)
-        except TIError as e:
-            return _error(e)
+    def create(body: dict = Body(...)) -> Any:  # noqa: B008
+        b = validate(CreateBody, body)
+        args = CreateArgs(b["name"], b["vectors"], b["init_mode"], b["init_text"], b["seed"])
+        path, warnings = service.create(args, overwrite=b["overwrite"], fmt=b["format"])
         emb = read_embedding(path)
-        return {
-            "name": emb.name,
-            "kind": emb.kind,
-            "vectors": emb.num_vectors,
-            "file": str(path),
-            "warnings": warnings,
-        }
+        return {"name": emb.name, "kind": emb.kind, "vectors": emb.num_vectors, "file": str(path),
+                "warnings": warnings}  # fmt: skip
 
-    def merge(body: MergeBody) -> Any:
-        b = dump(body)
-        try:
-            path = service.merge(b["expression"], b["name"], overwrite=b["overwrite"], fmt=b["format"])
-        except FileExistsError as e:
-            return _error(e, 409)
-        except TIError as e:
-            return _error(e)
+    def merge(body: dict = Body(...)) -> Any:  # noqa: B008
+        b = validate(MergeBody, body)
+        path = service.merge(b["expression"], b["name"], overwrite=b["overwrite"], fmt=b["format"])
         emb = read_embedding(path)
         return {"name": emb.name, "kind": emb.kind, "vectors": emb.num_vectors, "file": str(path)}
 
-    def train(body: TrainBody) -> Any:  # type: ignore[valid-type]
-        b = dump(body)
-        req = TrainRequest(**{f.name: b[f.name] for f in fields(TrainRequest) if f.name in b})
-        try:
-            job = service.start_training(req)
-        except BusyError as e:
-            return JSONResponse(
-                status_code=409, content={"error": str(e), "job": e.job_id, "job_id": e.job_id}
-            )
-        except TIError as e:
-            return _error(e)
-        return JSONResponse(status_code=202, content={"job": job.id, "job_id": job.id})
+    def train(body: dict = Body(...)) -> Any:  # noqa: B008
+        b = validate(TrainBody, unalias(body) if isinstance(body, Mapping) else body)
+        if isinstance(b.get("lr"), float | int):
+            b["lr"] = repr(b["lr"])
+        job = service.start_training(b)
+        return JSONResponse(status_code=202, content={"job": job.id})
 
     def job_status(job_id: str) -> Any:
-        job = service.jobs.get(job_id)
-        if job is None:
-            return _error(TIError(f"no job {job_id}"), 404)
-        return status_view(job.status)
+        return status_view(_job(job_id).status)
 
     def job_stop(job_id: str) -> Any:
+        job = _job(job_id)
+        job.stop()
+        return {"job": job_id, "stopping": job.status.running}
+
+    def _job(job_id: str) -> Any:
         job = service.jobs.get(job_id)
         if job is None:
-            return _error(TIError(f"no job {job_id}"), 404)
-        job.stop()
-        return {"job_id": job_id, "stopping": job.status.running}
+            msg = f"no job {job_id!r}"
+            raise JobNotFound(msg)
+        return job
 
+    def schema() -> Any:
+        return {
+            "bodies": {name: _schema(model) for name, model in BODIES.items()},
+            "aliases": {"train": {**TRAIN_ALIASES, "width + height": "resolution"}},
+        }
+
+    route("/schema", schema, "GET")
     route("/embeddings", embeddings, "GET")
     route("/inspect/{name}", inspect, "GET")
     route("/inspect", inspect_post, "POST")

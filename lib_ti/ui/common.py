@@ -9,11 +9,12 @@ from typing import Any
 from lib_ti.embedding import KIND_LABELS, Embedding
 from lib_ti.errors import TIError
 from lib_ti.hostinfo import HostInfo
+from lib_ti.text.prompt import CHUNK_LENGTH
 
 logger = logging.getLogger(__name__)
 
 #: tokens in one prompt chunk
-CHUNK = 75
+CHUNK = CHUNK_LENGTH
 NEAREST_HEADERS = ["encoder", "vector", "nearest tokens (cosine)"]
 
 

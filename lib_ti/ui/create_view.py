@@ -6,17 +6,21 @@ import logging
 
 import gradio as gr
 
-from lib_ti.create import WARN_VECTORS, CreateArgs
+from lib_ti.create import WARN_VECTORS, CreateArgs, InitMode
 from lib_ti.errors import TIError
 from lib_ti.hostinfo import HostInfo
 from lib_ti.io.formats import read_embedding
-from lib_ti.training.recipes import recipe_for
+from lib_ti.training.recipes import default_vectors
 from lib_ti.ui.common import CHUNK, card_markdown, error_html, get_service, model_error, ok_html, warn_html
 from lib_ti.ui.compat import js_kwargs
 
 logger = logging.getLogger(__name__)
 
-INIT_MODES = {"from the init text": "text", "zeros": "zeros", "random (vocabulary-sized norms)": "random"}
+INIT_MODES: dict[str, InitMode] = {
+    "from the init text": "text",
+    "zeros": "zeros",
+    "random (vocabulary-sized norms)": "random",
+}
 
 
 class CreateHandlers:
@@ -55,10 +59,10 @@ class CreateHandlers:
         self, name: str, vectors: float, mode_label: str, init_text: str, seed: float, overwrite: bool
     ) -> tuple[str, str]:
         name = (name or "").strip()
-        mode = INIT_MODES.get(mode_label, "text")
+        mode: InitMode = INIT_MODES.get(mode_label, "text")
         args = CreateArgs(
             name, int(vectors or 1), mode, init_text or "*", int(seed) if seed and seed >= 0 else None
-        )  # type: ignore[arg-type]
+        )
         try:
             service = get_service(self.host)
             path, warnings = service.create(args, overwrite=bool(overwrite))
@@ -80,14 +84,19 @@ class CreateHandlers:
 
 def build(host: HostInfo) -> CreateHandlers:
     h = CreateHandlers(host)
-    recipe = recipe_for("sd1", host.get_option)
+    vectors_default = default_vectors(host.get_option)
     with gr.Row():
         with gr.Column():
             name = gr.Textbox(label="Name", placeholder="my-subject", elem_id="ti_create_name")
             vectors = gr.Slider(
-                1, CHUNK, value=recipe.vectors, step=1, label="Vectors per token", elem_id="ti_create_vectors"
+                1,
+                CHUNK,
+                value=vectors_default,
+                step=1,
+                label="Vectors per token",
+                elem_id="ti_create_vectors",
             )
-            budget = gr.Markdown(h.budget(recipe.vectors), elem_id="ti_create_budget")
+            budget = gr.Markdown(h.budget(vectors_default), elem_id="ti_create_budget")
             mode = gr.Radio(
                 list(INIT_MODES), value="from the init text", label="Initialize", elem_id="ti_create_mode"
             )

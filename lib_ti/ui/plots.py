@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 WIDTH, HEIGHT, PAD = 560, 220, 40
 COLORS = ("#3b82f6", "#f97316", "#10b981", "#a855f7", "#ef4444")
@@ -31,7 +31,7 @@ def smooth(values: Sequence[float], beta: float = 0.9) -> list[float]:
 
 
 def line_plot(
-    series: dict[str, Sequence[tuple[float, float]]], title: str = "", elem_class: str = "ti-plot"
+    series: Mapping[str, Sequence[tuple[float, float]]], title: str = "", elem_class: str = "ti-plot"
 ) -> str:
     """An SVG with one line per series (name -> [(x, y)]), shared axes, and a legend."""
     data = {k: _thin(_finite(v)) for k, v in series.items()}
@@ -86,7 +86,7 @@ def line_plot(
     return head + "".join(parts) + "</div>"
 
 
-def bar_plot(groups: dict[str, Sequence[float]], title: str = "", elem_class: str = "ti-plot") -> str:
+def bar_plot(groups: Mapping[str, Sequence[float]], title: str = "", elem_class: str = "ti-plot") -> str:
     """Bars per group (encoder -> values per vector), e.g. the norm of each vector."""
     data = {k: [float(v) for v in vals] for k, vals in groups.items() if len(vals)}
     head = f"<div class='{elem_class}'>" + (

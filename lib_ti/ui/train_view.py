@@ -6,7 +6,7 @@ import html
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,18 @@ import gradio as gr
 
 from lib_ti.errors import TIError
 from lib_ti.hostinfo import HostInfo
-from lib_ti.training.recipes import Recipe, recipe_for
+from lib_ti.training.options import (
+    FIELD_TYPES,
+    OPTION_FIELDS,
+    LatentSampling,
+    LrShape,
+    NormControl,
+    TrainEncoders,
+    TrainRequest,
+    choices,
+    coerce,
+)
+from lib_ti.training.recipes import recipe_for
 from lib_ti.training.schedule import LearningRateSchedule, ScheduleArgs, ScheduleError
 from lib_ti.ui.common import error_html, get_service, model_error, ok_html
 from lib_ti.ui.compat import js_kwargs
@@ -24,22 +35,67 @@ logger = logging.getLogger(__name__)
 
 #: seconds between live updates while a job runs
 POLL_SECONDS = 1.0
-NORM_CONTROL = ["soft", "hard", "off"]
-LR_SHAPES = ["constant", "cosine", "linear"]
-LATENT_SAMPLING = ["random", "deterministic"]
-ENCODERS = ["all", "clip_l", "clip_g"]
 _STEP_IN_NAME = re.compile(r"-(\d+)\.(png|webp|jpg)$")
 
+
+def _number(label: str, elem: str, whole: bool = True) -> Callable[[Any], Any]:
+    return lambda v: gr.Number(v, label=label, precision=0 if whole else None, elem_id=f"ti_train_{elem}")
+
+
+def _check(label: str, elem: str) -> Callable[[Any], Any]:
+    return lambda v: gr.Checkbox(v, label=label, elem_id=f"ti_train_{elem}")
+
+
+def _radio(values: Any, label: str, elem: str) -> Callable[[Any], Any]:
+    return lambda v: gr.Radio(list(choices(values)), value=v, label=label, elem_id=f"ti_train_{elem}")
+
+
+#: The form: one component per TrainRequest field, made from the field's value.
+COMPONENTS: dict[str, Callable[..., Any]] = {
+    "embedding": lambda v: gr.Dropdown(label="Embedding (made for the loaded model)", choices=[], elem_id="ti_train_embedding"),
+    "dataset_dir": lambda v: gr.Textbox(v, label="Dataset folder", elem_id="ti_train_dataset",
+                                        placeholder="/path/to/images (captions in .txt beside them, optional)"),
+    #: the choices (shipped and user templates) are filled in by build()
+    "template": lambda v, templates=(): gr.Dropdown(
+        list(templates), value=v if v in templates else None, label="Prompt template", elem_id="ti_train_template"
+    ),
+    "resolution": _number("Resolution (bucket area)", "resolution"),
+    "buckets": _check("Aspect-ratio buckets", "buckets"),
+    "batch_size": _number("Batch size", "batch"),
+    "grad_accum": _number("Gradient accumulation", "accum"),
+    "steps": _number("Steps", "steps"),
+    "lr": lambda v: gr.Textbox(v, label="Learning rate (a rate, or a schedule like 5e-3:100, 1e-3:1000)",
+                               elem_id="ti_train_lr"),
+    "snapshot_every": _number("Snapshot every N steps", "snapshot"),
+    "preview_every": _number("Preview every N steps", "preview_every"),
+    "validation_every": _number("Validation every N steps", "validation"),
+    "preview_prompt": lambda v: gr.Textbox(v, label="Preview prompt (empty: a photo of <name>)",
+                                           elem_id="ti_train_preview_prompt"),
+    "norm_control": _radio(NormControl, "Norm control", "norm"),
+    "lr_shape": _radio(LrShape, "Learning-rate shape", "lr_shape"),
+    "warmup_steps": _number("Warmup steps", "warmup"),
+    "flip": _check("Random horizontal flip", "flip"),
+    "shuffle_tags": _check("Shuffle caption tags", "shuffle"),
+    "keep_tags": _number("Keep first N tags", "keep_tags"),
+    "tag_dropout": lambda v: gr.Slider(0, 0.5, value=v, step=0.01, label="Tag dropout", elem_id="ti_train_dropout"),
+    "repeats": _number("Repeats per epoch", "repeats"),
+    "latent_sampling": _radio(LatentSampling, "Latent sampling", "latent"),
+    "train_encoders": _radio(TrainEncoders, "Train vectors of", "encoders"),
+    "min_snr_gamma": _number("Min-SNR gamma (0: off)", "min_snr", whole=False),
+    "noise_offset": _number("Noise offset", "noise_offset", whole=False),
+    "seed": _number("Seed", "seed"),
+    "resume": _check("Resume the last stopped run of this embedding", "resume"),
+    "cache_latents_on_disk": _check("Cache latents on disk", "cache_disk"),
+}  # fmt: skip
+#: where each field sits: rows of the main column, then rows of the Advanced accordion
+MAIN_ROWS = (("dataset_dir",), ("template",), ("resolution", "buckets"), ("batch_size", "grad_accum", "steps"),
+             ("lr",), ("snapshot_every", "preview_every", "validation_every"), ("preview_prompt",),
+             ("norm_control",))  # fmt: skip
+ADVANCED_ROWS = (("lr_shape", "warmup_steps"), ("flip", "shuffle_tags", "keep_tags", "tag_dropout"),
+                 ("repeats", "latent_sampling", "train_encoders"), ("min_snr_gamma", "noise_offset", "seed"),
+                 ("resume", "cache_latents_on_disk"))  # fmt: skip
 #: the form's fields in the order of the Train button's inputs (after the task id)
-FIELDS = (
-    "embedding", "dataset", "template", "resolution", "buckets", "batch_size", "grad_accum", "lr", "steps",
-    "snapshot_every", "preview_every", "validation_every", "preview_prompt", "norm_control", "lr_shape",
-    "warmup_steps", "flip", "shuffle_tags", "keep_tags", "tag_dropout", "repeats", "latent_sampling",
-    "min_snr_gamma", "noise_offset", "seed", "resume", "cache_latents_on_disk", "train_encoders",
-)  # fmt: skip
-INTS = {"resolution", "batch_size", "grad_accum", "steps", "snapshot_every", "preview_every",
-        "validation_every", "warmup_steps", "keep_tags", "repeats", "seed"}  # fmt: skip
-FLOATS = {"tag_dropout", "min_snr_gamma", "noise_offset"}
+FIELDS = tuple(FIELD_TYPES)
 
 
 def _eta(seconds: float | None) -> str:
@@ -84,8 +140,8 @@ def status_markdown(st: Any) -> str:
         )
     if st.message:
         lines.append(html.escape(st.message))
-    if st.files and not st.running:
-        lines.append(f"saved: `{Path(st.files[-1]).name}`")
+    if st.file and not st.running:
+        lines.append(f"saved: `{Path(st.file).name}`")
     return "\n\n".join(lines)
 
 
@@ -113,38 +169,40 @@ def gallery(st: Any) -> list[tuple[str, str]]:
 class TrainHandlers:
     def __init__(self, host: HostInfo) -> None:
         self.host = host
+        #: the form's components by TrainRequest field (set by build)
+        self.components: dict[str, Any] = {}
 
     def _service(self) -> Any:
         return get_service(self.host)
 
     # ------------------------------------------------------------------ form helpers
-    def refresh(self, current: str | None) -> tuple[Any, str]:
+    def refresh(self, current: str | None, form_kind: str) -> tuple[Any, ...]:
+        """The embeddings made for the loaded model; when the model's kind is not the one the form's
+        values are for, its recipe too (so the tab trains what the REST API would by default)."""
         try:
             service = self._service()
             kind = service.loaded_kind()
             names = service.list_embeddings(kind)
         except Exception as e:
-            return gr.update(), model_error(e)
+            return (gr.update(), model_error(e), gr.update(), *[gr.update()] * len(OPTION_FIELDS))
         value = current if current in names else (names[0] if names else None)
         note = f"Loaded model: **{kind.upper()}**; {len(names)} embedding(s) made for it."
         if not names:
             note += " Create one in the Create tab first."
-        return gr.update(choices=names, value=value), note
+        if kind == form_kind:
+            return (gr.update(choices=names, value=value), note, kind, *[gr.update()] * len(OPTION_FIELDS))
+        note += f" The form now holds the {kind.upper()} recipe."
+        recipe = recipe_for(kind, self.host.get_option)
+        return (gr.update(choices=names, value=value), note, kind, *[recipe[f] for f in OPTION_FIELDS])
 
     def apply_recipe(self) -> tuple[Any, ...]:
-        """Recipe values for the loaded model's kind: lr, steps, batch, accum, resolution, warmup, intervals."""
+        """The recipe of the loaded model's kind, for every option of the form; then the form's kind."""
         try:
             kind = self._service().loaded_kind()
         except Exception as e:
-            r = recipe_for("sd1", self.host.get_option)
-            return (*self._recipe_values(r), model_error(e))
-        r = recipe_for(kind, self.host.get_option)
-        return (*self._recipe_values(r), ok_html(f"recipe for {kind.upper()} applied"))
-
-    @staticmethod
-    def _recipe_values(r: Recipe) -> tuple[Any, ...]:
-        return (r.lr, r.steps, r.batch_size, r.grad_accum, r.resolution, r.warmup_steps,
-                r.snapshot_every, r.preview_every, r.validation_every)  # fmt: skip
+            return (*[gr.update()] * len(OPTION_FIELDS), gr.update(), model_error(e))
+        recipe = recipe_for(kind, self.host.get_option)
+        return (*[recipe[f] for f in OPTION_FIELDS], kind, ok_html(f"recipe for {kind.upper()} applied"))
 
     @staticmethod
     def check_lr(lr: str, shape: str, warmup: float, steps: float) -> str:
@@ -174,31 +232,17 @@ class TrainHandlers:
             return []
 
     # ------------------------------------------------------------------ the job
-    def request(self, task_id: str, *values: Any) -> Any:
+    def request(self, *values: Any) -> TrainRequest:
         """A TrainRequest from the form's values (in FIELDS order)."""
-        from lib_ti.service import TrainRequest
-
         if len(values) != len(FIELDS):
             msg = f"expected {len(FIELDS)} form values, got {len(values)}"
             raise TIError(msg)
-        kw: dict[str, Any] = {}
-        for key, value in zip(FIELDS, values):
-            if key in INTS:
-                value = int(value or 0)
-            elif key in FLOATS:
-                value = float(value or 0)
-            kw[key] = value
-        kw["dataset"] = (kw["dataset"] or "").strip()
-        kw["embedding"] = kw["embedding"] or ""
-        enc = kw.pop("train_encoders")
-        kw["train_encoders"] = None if enc in (None, "", "all") else [enc]
-        kw["resolution"] = kw["resolution"] or None
-        return TrainRequest(task_id=task_id or "", **kw)
+        return TrainRequest(**{key: coerce(key, value) for key, value in zip(FIELDS, values)})
 
     def start(self, task_id: str, *values: Any) -> tuple[str, str]:
         """Start a job; returns (job id, status). The job runs on; ``watch`` follows it."""
         try:
-            job = self._service().start_training(self.request(task_id, *values))
+            job = self._service().start_training(self.request(*values), task_id=task_id or "")
         except (TIError, ValueError) as e:  # BusyError is a TIError; "Show the running job" follows that one
             return "", error_html(e)
         except Exception as e:
@@ -242,112 +286,49 @@ class TrainHandlers:
         return job.id if job else ""
 
 
+def _rows(
+    rows: tuple[tuple[str, ...], ...],
+    values: dict[str, Any],
+    made: dict[str, Any],
+    after: Any,
+    templates: list[str],
+) -> None:
+    for row in rows:
+        with gr.Row():
+            for name in row:
+                kw = {"templates": templates} if name == "template" else {}
+                made[name] = COMPONENTS[name](values[name], **kw)
+        for name in row:
+            after(name)
+
+
 def build(host: HostInfo) -> TrainHandlers:
     h = TrainHandlers(host)
-    r = recipe_for("sd1", host.get_option)
+    values: dict[str, Any] = {
+        "embedding": None,
+        "dataset_dir": str(host.get_option("ti_dataset_dir", "") or ""),
+    }
+    values.update(recipe_for("sd1", host.get_option))
     templates = h.templates()
+    made: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+
+    def after(name: str) -> None:
+        if name == "template":
+            with gr.Accordion("Prompts the images get", open=False, elem_id="ti_train_prompts_box"):
+                extra["prompts"] = gr.Markdown(elem_id="ti_train_prompts")
+        elif name == "lr":
+            extra["lr_note"] = gr.HTML(elem_id="ti_train_lr_note")
+
     with gr.Row():
         with gr.Column(scale=3):
             with gr.Row():
-                embedding = gr.Dropdown(
-                    label="Embedding (made for the loaded model)", choices=[], elem_id="ti_train_embedding"
-                )
+                made["embedding"] = COMPONENTS["embedding"](None)
                 refresh = gr.Button("🔄", elem_id="ti_train_refresh", elem_classes=["tool", "ti-tool"])
             model_note = gr.Markdown(elem_id="ti_train_model_note")
-            dataset = gr.Textbox(
-                label="Dataset folder", value=str(host.get_option("ti_dataset_dir", "") or ""),
-                placeholder="/path/to/images (captions in .txt beside them, optional)", elem_id="ti_train_dataset",
-            )  # fmt: skip
-            template = gr.Dropdown(
-                label="Prompt template", choices=templates, value=r.template if r.template in templates else None,
-                elem_id="ti_train_template",
-            )  # fmt: skip
-            with gr.Accordion("Prompts the images get", open=False, elem_id="ti_train_prompts_box"):
-                prompts = gr.Markdown(elem_id="ti_train_prompts")
-            with gr.Row():
-                resolution = gr.Number(
-                    r.resolution, label="Resolution (bucket area)", precision=0, elem_id="ti_train_resolution"
-                )
-                buckets = gr.Checkbox(True, label="Aspect-ratio buckets", elem_id="ti_train_buckets")
-            with gr.Row():
-                batch_size = gr.Number(
-                    r.batch_size, label="Batch size", precision=0, elem_id="ti_train_batch"
-                )
-                grad_accum = gr.Number(
-                    r.grad_accum, label="Gradient accumulation", precision=0, elem_id="ti_train_accum"
-                )
-                steps = gr.Number(r.steps, label="Steps", precision=0, elem_id="ti_train_steps")
-            lr = gr.Textbox(
-                r.lr,
-                label="Learning rate (a rate, or a schedule like 5e-3:100, 1e-3:1000)",
-                elem_id="ti_train_lr",
-            )
-            lr_note = gr.HTML(elem_id="ti_train_lr_note")
-            with gr.Row():
-                snapshot_every = gr.Number(
-                    r.snapshot_every, label="Snapshot every N steps", precision=0, elem_id="ti_train_snapshot"
-                )
-                preview_every = gr.Number(
-                    r.preview_every,
-                    label="Preview every N steps",
-                    precision=0,
-                    elem_id="ti_train_preview_every",
-                )
-                validation_every = gr.Number(
-                    r.validation_every,
-                    label="Validation every N steps",
-                    precision=0,
-                    elem_id="ti_train_validation",
-                )
-            preview_prompt = gr.Textbox(
-                label="Preview prompt (empty: a photo of <name>)", elem_id="ti_train_preview_prompt"
-            )
-            norm_control = gr.Radio(
-                NORM_CONTROL, value=r.norm_control, label="Norm control", elem_id="ti_train_norm"
-            )
+            _rows(MAIN_ROWS, values, made, after, templates)
             with gr.Accordion("Advanced", open=False, elem_id="ti_train_advanced"):
-                with gr.Row():
-                    lr_shape = gr.Radio(
-                        LR_SHAPES, value="constant", label="Learning-rate shape", elem_id="ti_train_lr_shape"
-                    )
-                    warmup = gr.Number(
-                        r.warmup_steps, label="Warmup steps", precision=0, elem_id="ti_train_warmup"
-                    )
-                with gr.Row():
-                    flip = gr.Checkbox(r.flip, label="Random horizontal flip", elem_id="ti_train_flip")
-                    shuffle_tags = gr.Checkbox(
-                        r.shuffle_tags, label="Shuffle caption tags", elem_id="ti_train_shuffle"
-                    )
-                    keep_tags = gr.Number(
-                        0, label="Keep first N tags", precision=0, elem_id="ti_train_keep_tags"
-                    )
-                    tag_dropout = gr.Slider(
-                        0, 0.5, value=0.0, step=0.01, label="Tag dropout", elem_id="ti_train_dropout"
-                    )
-                with gr.Row():
-                    repeats = gr.Number(1, label="Repeats per epoch", precision=0, elem_id="ti_train_repeats")
-                    latent_sampling = gr.Radio(
-                        LATENT_SAMPLING,
-                        value=r.latent_sampling,
-                        label="Latent sampling",
-                        elem_id="ti_train_latent",
-                    )
-                    train_encoders = gr.Radio(
-                        ENCODERS, value="all", label="Train vectors of", elem_id="ti_train_encoders"
-                    )
-                with gr.Row():
-                    min_snr = gr.Number(0.0, label="Min-SNR gamma (0: off)", elem_id="ti_train_min_snr")
-                    noise_offset = gr.Number(0.0, label="Noise offset", elem_id="ti_train_noise_offset")
-                    seed = gr.Number(0, label="Seed", precision=0, elem_id="ti_train_seed")
-                with gr.Row():
-                    resume = gr.Checkbox(
-                        False,
-                        label="Resume the last stopped run of this embedding",
-                        elem_id="ti_train_resume",
-                    )
-                    cache_disk = gr.Checkbox(
-                        False, label="Cache latents on disk", elem_id="ti_train_cache_disk"
-                    )
+                _rows(ADVANCED_ROWS, values, made, after, templates)
                 recipe = gr.Button("Recipe for the loaded model", elem_id="ti_train_recipe")
                 recipe_note = gr.HTML(elem_id="ti_train_recipe_note")
             with gr.Row():
@@ -361,24 +342,28 @@ def build(host: HostInfo) -> TrainHandlers:
             previews = gr.Gallery(label="Previews", elem_id="ti_train_previews", columns=4)
     task_id = gr.Textbox(visible=False, elem_id="ti_train_task")
     job_id = gr.Textbox(visible=False, elem_id="ti_train_job")
+    #: the model kind whose recipe the form holds
+    form_kind = gr.Textbox("sd1", visible=False, elem_id="ti_train_kind")
 
-    form = [embedding, dataset, template, resolution, buckets, batch_size, grad_accum, lr, steps,
-            snapshot_every, preview_every, validation_every, preview_prompt, norm_control, lr_shape,
-            warmup, flip, shuffle_tags, keep_tags, tag_dropout, repeats, latent_sampling,
-            min_snr, noise_offset, seed, resume, cache_disk, train_encoders]  # fmt: skip
-    assert len(form) == len(FIELDS)
+    missing = set(FIELDS) ^ set(made)
+    if missing:
+        msg = f"the Train form and TrainRequest disagree on {sorted(missing)}"
+        raise RuntimeError(msg)
+    h.components = made
+    form = [made[f] for f in FIELDS]
+    options = [made[f] for f in OPTION_FIELDS]
     live = [status, plot, previews]
+    lr, lr_shape, warmup, steps = (made[f] for f in ("lr", "lr_shape", "warmup_steps", "steps"))
+    template, dataset, embedding = (made[f] for f in ("template", "dataset_dir", "embedding"))
 
-    refresh.click(h.refresh, inputs=[embedding], outputs=[embedding, model_note])
+    refresh.click(
+        h.refresh, inputs=[embedding, form_kind], outputs=[embedding, model_note, form_kind, *options]
+    )
     for box in (lr, lr_shape, warmup, steps):
-        box.change(h.check_lr, inputs=[lr, lr_shape, warmup, steps], outputs=[lr_note])
+        box.change(h.check_lr, inputs=[lr, lr_shape, warmup, steps], outputs=[extra["lr_note"]])
     for box in (template, dataset, embedding):
-        box.change(h.template_preview, inputs=[template, dataset, embedding], outputs=[prompts])
-    recipe.click(
-        h.apply_recipe,
-        outputs=[lr, steps, batch_size, grad_accum, resolution, warmup, snapshot_every, preview_every,
-                 validation_every, recipe_note],
-    )  # fmt: skip
+        box.change(h.template_preview, inputs=[template, dataset, embedding], outputs=[extra["prompts"]])
+    recipe.click(h.apply_recipe, outputs=[*options, form_kind, recipe_note])
     train.click(h.start, inputs=[task_id, *form], outputs=[job_id, status], **js_kwargs("tiTrainStart")).then(
         h.watch, inputs=[job_id], outputs=live
     ).then(fn=None, **js_kwargs("tiRefreshCards"))

@@ -38,4 +38,4 @@ def test_our_routes_use_the_hosts_api_auth(host_paths, tmp_path):
             url, headers={"Authorization": "Basic " + base64.b64encode(b"ti:secret").decode()}
         )
         with urllib.request.urlopen(good, timeout=60) as r:
-            assert json.loads(r.read())["files"] == []
+            assert json.loads(r.read())["embeddings"] == []

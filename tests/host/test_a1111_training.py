@@ -93,7 +93,7 @@ def test_sd1_training_progress_409_and_same_images_after(a1111, dataset):
     start = read_embedding(a1111.embeddings / "ti-train1.safetensors").matrix.clone()
     body = {"embedding": "ti-train1", "dataset": str(dataset), "steps": 12, "resolution": 64,
             "validation_every": 4, "snapshot_every": 5, "preview_every": 6}  # fmt: skip
-    job_id = a1111.post("/ti/v1/train", body)["job_id"]
+    job_id = a1111.post("/ti/v1/train", body)["job"]
     seen_progress = None
     import urllib.error
 
@@ -141,7 +141,7 @@ def test_interrupt_ends_training_after_saving(a1111, dataset):
         "/ti/v1/create", {"name": "ti-int", "vectors": 1, "init_text": "a painting", "overwrite": True}
     )
     body = train_body("ti-int", dataset, 500, validation_every=0)
-    job_id = a1111.post("/ti/v1/train", body)["job_id"]
+    job_id = a1111.post("/ti/v1/train", body)["job"]
     wait_step(a1111, job_id, 2)
     a1111.post("/sdapi/v1/interrupt", {})
     st = wait_job(a1111, job_id)
@@ -172,7 +172,7 @@ def test_sdxl_parity_train_and_model_switch(a1111, dataset):
             "/ti/v1/create", {"name": "ti-xl", "vectors": 2, "init_text": "a painting", "overwrite": True}
         )
         body = train_body("ti-xl", dataset, 10, validation_every=5)
-        st = wait_job(a1111, a1111.post("/ti/v1/train", body)["job_id"])
+        st = wait_job(a1111, a1111.post("/ti/v1/train", body)["job"])
         print("SDXL training", st["state"], st["message"], st["val_losses"])
         assert st["state"] == "done", st
         assert "ti-xl" in a1111.get("/sdapi/v1/embeddings")["loaded"]
@@ -181,14 +181,14 @@ def test_sdxl_parity_train_and_model_switch(a1111, dataset):
 
         # a checkpoint switch requested mid-training: saved, stopped, then the switch goes through
         body["steps"] = 500
-        job_id = a1111.post("/ti/v1/train", body)["job_id"]
+        job_id = a1111.post("/ti/v1/train", body)["job"]
         wait_step(a1111, job_id, 2)
         t = threading.Thread(target=switch, args=(a1111, "tiny-sd1"))
         t.start()
         st = wait_job(a1111, job_id)
         t.join(timeout=300)
         print("model switch", st["state"], st["message"])
-        assert (st["state"], st["detail"]) == ("stopped", "model_changed"), st
+        assert (st["state"], st["outcome"]) == ("stopped", "model_changed"), st
         assert "checkpoint change requested" in st["message"]
         assert "tiny-sd1" in a1111.get("/sdapi/v1/options")["sd_model_checkpoint"]
     finally:

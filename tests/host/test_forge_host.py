@@ -169,8 +169,8 @@ def test_checkpoint_switch_stops_training_cleanly(forge, dataset):
         time.sleep(1)
     switch(forge, "rand-sd15")
     st = wait_job(forge, job["job"])
-    print("after the switch:", {k: st[k] for k in ("state", "detail", "step", "message")})
-    assert st["state"] == "stopped" and st["detail"] == "model_changed", st
+    print("after the switch:", {k: st[k] for k in ("state", "outcome", "step", "message")})
+    assert st["state"] == "stopped" and st["outcome"] == "model_changed", st
     assert "saved" in st["message"]
     emb = read_embedding(st["file"])
     assert emb.kind == "sdxl" and 1 <= emb.step < 500
