@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the test requirements into two virtual environments and run the tests:
-#   A1111 set (requirements-test.txt): ruff, then the whole suite;
+#   A1111 set (requirements-test.txt): ruff, mypy on lib_ti, then the whole suite;
 #   Forge set (requirements-test-forge.txt): the version-sensitive tests (-m versioned).
 # The environments are cached under $TI_VENV_DIR (default ~/.cache/sd-webui-ti/venvs), keyed by the
 # requirements file, so a second run installs nothing. Real-host tests run only with SD_WEBUI_DIR set.
@@ -36,6 +36,9 @@ A=$VENVS/a1111/bin/python
 F=$VENVS/forge/bin/python
 echo "== ruff"
 "$A" -m ruff check .
+"$A" -m ruff format --check .
+echo "== mypy (lib_ti, A1111 set)"
+"$A" -m mypy
 echo "== Forge set (gradio 4.40, pydantic 2, transformers 4.46): version-sensitive tests"
 "$F" -m pytest -q -m versioned -p no:cacheprovider
 echo "== A1111 set (gradio 3.41, pydantic 1, transformers 4.30): all tests"

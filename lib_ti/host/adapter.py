@@ -17,8 +17,10 @@ class HostAdapter(Protocol):
     the gradio major version, the service getter).
     """
 
-    #: the host's name as detected: "a1111", "forge", "reforge", "classic"
-    name: str
+    @property
+    def name(self) -> str:
+        """The host's name as detected: "a1111", "forge", "reforge", "classic"."""
+        ...
 
     def host_services(self) -> HostServices:
         """The host as the :class:`Service` sees it."""

@@ -21,6 +21,7 @@ def one_backward(
     c = parts.prompt_encoder.encode([prompt], {name: vecs})
     cond = {"crossattn": c.crossattn}
     if parts.kind == "sdxl":
+        assert c.pooled is not None  # SDXL encoders give a pooled vector
         cond["pooled"] = c.pooled
         cond["time_ids"] = torch.tensor([[512.0, 512, 0, 0, 512, 512]])
     out = parts.denoise(torch.randn(1, 4, latent, latent), torch.tensor([500]), cond)

@@ -88,6 +88,7 @@ def unet_parity(m: Any, size: int = 8) -> dict[str, Any]:
         c = cond["crossattn"].clone().requires_grad_()
         out = parts.denoise(x, t, dict(cond, crossattn=c))
         out.square().mean().backward()
+        assert c.grad is not None
         grad = float(c.grad.abs().sum())
     finally:
         restore()

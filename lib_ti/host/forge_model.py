@@ -163,7 +163,7 @@ def _block_forward(
         n = self.norm2(x)
         n = self.attn2(n, context=context, value=None)
     x = x + n
-    skip = x if self.is_res else 0
+    skip = x
     x = self.ff(self.norm3(x))
     return x + skip if self.is_res else x
 
@@ -210,7 +210,7 @@ def _denoise(
     k_model = unet_patcher(m).model
     net = k_model.diffusion_model
     dtype = getattr(k_model, "computation_dtype", None) or next(net.parameters()).dtype
-    embedder = getattr(m, "embedder", None)
+    embedder: Any = getattr(m, "embedder", None)
 
     def denoise(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         device = next(net.parameters()).device

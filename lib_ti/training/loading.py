@@ -120,7 +120,7 @@ def load_dataset(
             cache = LatentCache(args.cache_dir, args.model_hash, args.flip, vae_scale)
         else:
             logger.warning("no model hash given: the latent disk cache is not used")
-    plans = []
+    plans: list[_Plan] = []
     for path, size in found:
         rng = random_stream(args.seed, "crop", os.path.relpath(path, folder)) if args.random_crop else None
         plan = _Plan(

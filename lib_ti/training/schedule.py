@@ -161,7 +161,7 @@ def _parse(text: str) -> list[_Piece]:
     return pieces
 
 
-def _check_steps(max_steps: int) -> int:
+def _check_steps(max_steps: float) -> int:
     if isinstance(max_steps, float) and max_steps.is_integer():
         max_steps = int(max_steps)
     if not isinstance(max_steps, int) or max_steps < 1:

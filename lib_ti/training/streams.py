@@ -34,6 +34,7 @@ _MASK64 = 0xFFFFFFFFFFFFFFFF
 
 def stream(seed: int, name: TorchStream, *index: int) -> torch.Generator:
     """A CPU generator for stream ``name`` at ``index`` (see the module docstring for the indices)."""
+    key: tuple[int, ...]
     match name, index:
         case "noise", (int(step), int(j)):
             key = (step, j)

@@ -20,7 +20,7 @@ from lib_ti.ui.plots import bar_plot
 
 logger = logging.getLogger(__name__)
 
-CONVERT_TARGETS = {
+CONVERT_TARGETS: dict[str, library.ConvertTarget] = {
     "same kind": "same",
     "SD1 (CLIP-L half of an SDXL embedding)": "sd1",
     "SDXL: CLIP-L from this, CLIP-G from the comparison embedding": "sdxl_g_from_other",
@@ -173,7 +173,7 @@ class InspectHandlers:
                 source or "",
                 (name or "").strip(),
                 fmt,
-                CONVERT_TARGETS.get(target_label, "same"),  # type: ignore[arg-type]
+                CONVERT_TARGETS.get(target_label, "same"),
                 other,
                 overwrite,
             )

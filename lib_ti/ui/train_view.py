@@ -207,8 +207,9 @@ class TrainHandlers:
     @staticmethod
     def check_lr(lr: str, shape: str, warmup: float, steps: float) -> str:
         try:
-            sched = LearningRateSchedule(ScheduleArgs(lr or "", shape, int(warmup or 0)), int(steps or 1))  # type: ignore[arg-type]
-        except ScheduleError as e:
+            args = ScheduleArgs(lr or "", coerce("lr_shape", shape), coerce("warmup_steps", warmup))
+            sched = LearningRateSchedule(args, coerce("steps", steps) or 1)
+        except TIError as e:
             return error_html(e)
         return ok_html(sched.describe())
 

@@ -2,9 +2,8 @@
 
 Enable with ``SD_WEBUI_DIR`` (the web UI checkout) and optionally ``SD_WEBUI_PYTHON`` (its
 interpreter; default ``<checkout>/../venv/bin/python``), ``SD_WEBUI_CKPT`` (checkpoint stem, default
-``tiny-sd1``) and ``SD_WEBUI_PORT`` (default 7861). ``../shared/hosttest/setup.sh`` builds such a host.
-The host is started the way ``launch.sh`` there does, with a fresh ``--embeddings-dir``, and stopped
-at the end.
+``tiny-sd1``) and ``SD_WEBUI_PORT`` (default 7861); tests/host/README.md says what the host needs.
+The host is started on the CPU with a fresh ``--embeddings-dir``, and stopped at the end.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import pytest
 from ..conftest import ROOT
 
 LINK_NAME = "sd-webui-ti"
-#: the flags ../shared/hosttest/launch.sh (A1111) and forge/launch.sh start the hosts with on the CPU
+#: the flags that run the hosts on the CPU
 A1111_FLAGS = ("--skip-torch-cuda-test", "--no-half", "--precision", "full", "--use-cpu", "all")
 FORGE_FLAGS = ("--always-cpu", "--skip-torch-cuda-test", "--disable-gpu-warning")
 
@@ -96,7 +95,7 @@ def checkout(dir_var: str, python_var: str, what: str) -> tuple[Path, Path]:
     ``<checkout>/../venv/bin/python``), or a skip that says how to enable the tests."""
     webui = os.environ.get(dir_var)
     if not webui:
-        pytest.skip(f"{what} tests: set {dir_var} to a checkout (see ../shared/HOSTS.md)")
+        pytest.skip(f"{what} tests: set {dir_var} to a checkout (see tests/host/README.md)")
     webui_p = Path(webui).expanduser().resolve()
     python = Path(os.environ.get(python_var, webui_p.parent / "venv" / "bin" / "python")).expanduser()
     if not python.exists():

@@ -1,6 +1,6 @@
 """Install from URL: the Extensions tab clones this extension from a git URL; it works after a restart.
 
-Offline, like ``../shared/hosttest/ext_test.sh``: the URL is a ``file://`` bare repository made from
+Offline: the URL is a ``file://`` bare repository made from
 this checkout's files (tracked and new, not ignored), so it tests the working tree. Runs its own host
 on SD_WEBUI_PORT + 2 in webui.sh's restart loop, without the development link in ``extensions/``.
 """

@@ -1,7 +1,7 @@
 """The extension inside a real Forge (lllyasviel/stable-diffusion-webui-forge) on the CPU.
 
-Skipped unless SD_FORGE_DIR points at a Forge checkout (``../shared/hosttest/forge/setup.sh`` builds
-one, with random-weight SD1.5 and SDXL checkpoints in the real shapes). Needs about 18 GB of RAM
+Skipped unless SD_FORGE_DIR points at a Forge checkout with SD1.5 and SDXL checkpoints in the real
+shapes (random weights are fine; tests/host/README.md). Needs about 18 GB of RAM
 for the SDXL part. Forge reports a used embedding in the infotext as ``TI: name`` (SDXL lists it
 once per text encoder), not as TI hashes.
 """
