@@ -26,7 +26,7 @@ from lib_ti.training.options import (
     coerce,
 )
 from lib_ti.training.recipes import recipe_for
-from lib_ti.training.schedule import LearningRateSchedule, ScheduleArgs, ScheduleError
+from lib_ti.training.schedule import LearningRateSchedule, ScheduleArgs
 from lib_ti.ui.common import error_html, get_service, model_error, ok_html
 from lib_ti.ui.compat import js_kwargs
 from lib_ti.ui.plots import line_plot, smooth
