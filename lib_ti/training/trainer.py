@@ -32,7 +32,7 @@ from lib_ti.training.options import LrShape, NormControl, Optimizer
 from lib_ti.training.resume import Counters, dump_resume, load_resume
 from lib_ti.training.schedule import LearningRateSchedule, ScheduleArgs
 from lib_ti.training.streams import random_stream, stream
-from lib_ti.training.validation import validation_samples
+from lib_ti.training.validation import ValidationSample, validation_samples
 
 logger = logging.getLogger(__name__)
 
@@ -511,10 +511,19 @@ class Trainer:
     def validation_loss(self) -> float | None:
         if not self._validation:
             return None
-        total = 0.0
+        # one forward per latent size (a bucket) rather than per sample
+        groups: dict[tuple[int, ...], list[ValidationSample]] = {}
         for v in self._validation:
+            groups.setdefault(tuple(v.latent.shape), []).append(v)
+        total = 0.0
+        for group in groups.values():
             per = self._loss(
-                v.latent[None], v.noise[None], torch.tensor([v.t]), [v.prompt], v.time_ids[None], None
+                torch.stack([v.latent for v in group]),
+                torch.stack([v.noise for v in group]),
+                torch.tensor([v.t for v in group]),
+                [v.prompt for v in group],
+                torch.stack([v.time_ids for v in group]),
+                None,
             )
             total += float(per.sum())
         return total / len(self._validation)
