@@ -24,7 +24,7 @@ def atomic_write(
         msg = f"{target} is a folder"
         raise IsADirectoryError(msg)
     if not overwrite and target.exists():
-        msg = f"{target} already exists (overwrite was not asked for)"
+        msg = f"{target} already exists; choose another name or allow overwriting"
         raise EmbeddingExists(msg)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
@@ -33,7 +33,7 @@ def atomic_write(
             f.flush()
             os.fsync(f.fileno())
         if not overwrite and target.exists():
-            msg = f"{target} already exists (overwrite was not asked for)"
+            msg = f"{target} already exists; choose another name or allow overwriting"
             raise EmbeddingExists(msg)
         os.replace(tmp_name, target)
     except BaseException:

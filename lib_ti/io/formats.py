@@ -23,7 +23,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from lib_ti.embedding import Embedding, encoder_for_width
-from lib_ti.errors import EmbeddingExists, EmbeddingFormatError
+from lib_ti.errors import EmbeddingFormatError
 from lib_ti.io import image_data, safe_pickle, safetensors_io
 from lib_ti.io.atomic import atomic_write, atomic_write_bytes
 from lib_ti.names import validate_name
@@ -34,8 +34,10 @@ WriteFormat = Literal["safetensors", "pt", "png"]
 READ_SUFFIXES = (".safetensors", ".pt", ".bin", ".png", ".webp", ".jxl", ".avif")
 #: files that hold only tensors (no image), in the order a name is looked up
 TENSOR_SUFFIXES = (".safetensors", ".pt", ".bin")
+#: every format this package writes, by name
+WRITE_SUFFIX: dict[str, str] = {"safetensors": ".safetensors", "pt": ".pt", "png": ".png"}
 #: the formats the tab, the API and training write into the embeddings folder, by setting value
-SAVE_SUFFIX: dict[str, str] = {"safetensors": ".safetensors", "pt": ".pt"}
+SAVE_SUFFIX: dict[str, str] = {k: v for k, v in WRITE_SUFFIX.items() if k != "png"}
 MAX_FILE_BYTES = 256 * 1024 * 1024
 #: Header keys that map to Embedding fields; everything else is free metadata.
 _FIELD_KEYS = ("name", "step", "sd_checkpoint", "sd_checkpoint_name")
@@ -343,9 +345,6 @@ def write_embedding(
     if target.is_dir():
         msg = f"{target} is a folder"
         raise EmbeddingFormatError(msg)
-    if not overwrite and target.exists():
-        msg = f"{target} already exists; choose another name or allow overwriting"
-        raise EmbeddingExists(msg)
     if fmt == "safetensors":
         return atomic_write_bytes(target, to_safetensors_bytes(emb), overwrite=overwrite)
     if fmt == "pt":

@@ -10,7 +10,13 @@ from typing import Literal
 
 from lib_ti.errors import EmbeddingFormatError, TIError
 from lib_ti.io.convert import to_sd1, to_sdxl_l
-from lib_ti.io.formats import format_for_path, list_embedding_files, read_embedding, write_embedding
+from lib_ti.io.formats import (
+    WRITE_SUFFIX,
+    format_for_path,
+    list_embedding_files,
+    read_embedding,
+    write_embedding,
+)
 from lib_ti.names import path_in_folder
 from lib_ti.stats import Comparison, compare
 
@@ -59,7 +65,7 @@ def convert_and_save(
 ) -> Path:
     """Write ``source`` (converted as asked) into ``folder`` as ``new_name`` in format ``fmt``."""
     emb = read_embedding(resolve(folder, source))
-    suffix = {"safetensors": ".safetensors", "pt": ".pt", "png": ".png"}.get(fmt)
+    suffix = WRITE_SUFFIX.get(fmt)
     if suffix is None:
         msg = f"unknown format {fmt!r}"
         raise TIError(msg)
