@@ -150,6 +150,8 @@ def test_tab_builds_and_every_handler_matches_its_wiring(host):
     assert (title, elem_id) == (TAB_TITLE, TAB_ID)
     handlers = [e for e in events(blocks) if e[0] is not None]
     names = {fn.__qualname__ for fn, _, _ in handlers}
+    # the refresh button and opening the Train tab both list the embeddings (and load the recipe)
+    assert [fn.__qualname__ for fn, _, _ in handlers].count("TrainHandlers.refresh") == 2
     assert names >= {
         "CreateHandlers.budget", "CreateHandlers.count_tokens", "CreateHandlers.create",
         "MergeHandlers.preview", "MergeHandlers.save",

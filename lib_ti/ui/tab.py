@@ -17,8 +17,8 @@ def build_tab(host: HostInfo) -> gr.Blocks:
             create_view.build(host)
         with gr.Tab("Merge", elem_id="ti_tab_merge"):
             merge_view.build(host)
-        with gr.Tab("Train", elem_id="ti_tab_train"):
-            train_view.build(host)
+        with gr.Tab("Train", elem_id="ti_tab_train") as train_tab:
+            train_view.build(host, shown=train_tab)
         with gr.Tab("Inspect", elem_id="ti_tab_inspect"):
             inspect_view.build(host)
     return blocks

@@ -303,7 +303,8 @@ def _rows(
             after(name)
 
 
-def build(host: HostInfo) -> TrainHandlers:
+def build(host: HostInfo, shown: Any = None) -> TrainHandlers:
+    """The Train view; ``shown`` (its tab) refreshes it when selected, like the 🔄 button."""
     h = TrainHandlers(host)
     values: dict[str, Any] = {
         "embedding": None,
@@ -357,9 +358,9 @@ def build(host: HostInfo) -> TrainHandlers:
     lr, lr_shape, warmup, steps = (made[f] for f in ("lr", "lr_shape", "warmup_steps", "steps"))
     template, dataset, embedding = (made[f] for f in ("template", "dataset_dir", "embedding"))
 
-    refresh.click(
-        h.refresh, inputs=[embedding, form_kind], outputs=[embedding, model_note, form_kind, *options]
-    )
+    # the embeddings for the loaded model, and its recipe when the form holds another kind's
+    for show in (refresh.click, *([shown.select] if shown is not None else [])):
+        show(h.refresh, inputs=[embedding, form_kind], outputs=[embedding, model_note, form_kind, *options])
     for box in (lr, lr_shape, warmup, steps):
         box.change(h.check_lr, inputs=[lr, lr_shape, warmup, steps], outputs=[extra["lr_note"]])
     for box in (template, dataset, embedding):

@@ -104,10 +104,11 @@ def create_and_train(host, browser, tmp_path, sd1_checkpoint: str, shot_prefix: 
     # Train
     _tab(page, "#tabs", "Textual Inversion").click()
     _tab(page, "#ti_tabs", "Train").click()
-    page.locator("#ti_train_refresh").click()
+    # opening the Train tab lists the embeddings for the loaded model (no click on the refresh button)
     page.wait_for_function(
         "document.querySelector('#ti_train_model_note').innerText.includes('SD1')", timeout=30_000
     )
+    page.locator("#ti_train_refresh").click()
     dropdown = page.locator("#ti_train_embedding input").first
     dropdown.click()
     dropdown.fill(name)
