@@ -8,6 +8,7 @@ Needs ``pip install -r requirements-host.txt`` and ``apt-get install chromium``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -57,6 +58,7 @@ def _shot(page, name: str, locator: str | None = None) -> None:
 
 def create_and_train(host, browser, tmp_path, sd1_checkpoint: str, shot_prefix: str = "") -> None:
     """The whole flow on ``host`` (a host fixture), on its SD1 checkpoint ``sd1_checkpoint``."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -r requirements-host.txt")
     opts = host.get("/sdapi/v1/options")
     if not str(opts.get("sd_model_checkpoint", "")).startswith(sd1_checkpoint):
         host.post("/sdapi/v1/options", {"sd_model_checkpoint": sd1_checkpoint})
@@ -140,7 +142,8 @@ def create_and_train(host, browser, tmp_path, sd1_checkpoint: str, shot_prefix: 
     deadline = time.time() + 600
     while time.time() < deadline:
         if progress.count():
-            seen_progress.add(progress.first.inner_text())
+            with contextlib.suppress(sync_api.Error):  # the bar goes away when the job ends
+                seen_progress.add(progress.first.inner_text(timeout=2_000))
         points = page.locator("#ti_train_plot polyline")
         if points.count():
             plots.append(points.first.get_attribute("points") or "")
