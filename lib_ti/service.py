@@ -37,7 +37,7 @@ from lib_ti.training.dataset import DataArgs
 from lib_ti.training.images import scan_images
 from lib_ti.training.jobs import Job, JobManager
 from lib_ti.training.loading import load_dataset
-from lib_ti.training.options import TrainRequest
+from lib_ti.training.options import TrainRequest, check
 from lib_ti.training.recipes import resolve
 from lib_ti.training.schedule import LearningRateSchedule, ScheduleArgs
 from lib_ti.training.trainer import Progress, TrainArgs, TrainCallbacks, Trainer
@@ -85,13 +85,11 @@ class Service:
         msg = f"no embedding named {name!r} in {self.folder()}"
         raise EmbeddingNotFound(msg)
 
-    def _folder_embeddings(self, suffixes: tuple[str, ...] | None = None) -> list[tuple[Path, Embedding]]:
+    def _folder_embeddings(self) -> list[tuple[Path, Embedding]]:
         """The readable embeddings of the folder (sub-folders too), each file read once while unchanged."""
         found: list[tuple[Path, Embedding]] = []
         seen: dict[FileKey, Embedding | None] = {}
         for path in list_embedding_files(self.folder()):
-            if suffixes is not None and path.suffix not in suffixes:
-                continue
             try:
                 st = path.stat()
             except OSError:
@@ -196,14 +194,15 @@ class Service:
 
     def merge_context(self, parts: ModelParts) -> MergeContext:
         """The merge language's view of the loaded model and the folder; kept while neither changes."""
-        found = self._folder_embeddings(TENSOR_SUFFIXES)
+        found = [emb for path, emb in self._folder_embeddings() if path.suffix in TENSOR_SUFFIXES]
         encs = parts.prompt_encoder.encoders
+        # the read cache keeps one object per unchanged file, so their ids name the folder's state
         key = (parts.model_hash, encs[0].table_weight.data_ptr(), tuple(e.key for e in encs),
-               tuple(str(p) for p, _ in found), tuple(id(e) for _, e in found))  # fmt: skip
+               tuple(id(e) for e in found))  # fmt: skip
         if self._merge_cache is not None and self._merge_cache[0] == key:
             return self._merge_cache[1]
         embeddings: dict[str, Embedding] = {}
-        for _, emb in found:
+        for emb in found:
             embeddings.setdefault(emb.name, emb)
         first = encs[0]
         ctx = MergeContext(
@@ -240,7 +239,8 @@ class Service:
         if blocked:
             raise TIError(blocked)
         if isinstance(given, TrainRequest):
-            return resolve(asdict(given), "sd1")
+            check(given)
+            return given
         return resolve(given, self.loaded_kind(), self.host.get_option)
 
     def check_training(self, given: Mapping[str, Any] | TrainRequest) -> TrainRequest:

@@ -107,11 +107,11 @@ def test_aliases_one_name_per_field(api):
             "resolution": 64,
         }
     )
-    from lib_ti.ui.api import TrainBody, unalias, validate
+    from lib_ti.ui.api import train_fields
 
     old = {"embedding": "subject", "dataset": str(data), "learning_rate": 0.002, "lr": 0.002, "save_every": 7,
            "width": 64, "height": 64}  # fmt: skip
-    given = validate(TrainBody, unalias(old))
+    given = train_fields(old)
     assert float(given.pop("lr")) == 0.002
     assert service.train_request({**given, "lr": "2e-3"}) == req
 
@@ -139,7 +139,7 @@ def test_api_defaults_are_the_tabs_recipe(tmp_path, kind):
     from lib_ti.hostinfo import HostInfo
     from lib_ti.training.recipes import recipe_for
     from lib_ti.ui import train_view
-    from lib_ti.ui.api import TrainBody, unalias, validate
+    from lib_ti.ui.api import train_fields
 
     opts = {"ti_default_steps": 321}
     service, data = make_service(tmp_path, kind, opts)
@@ -155,9 +155,7 @@ def test_api_defaults_are_the_tabs_recipe(tmp_path, kind):
             form[name] = value
     form.update(embedding=update["value"], dataset_dir=str(data))
     from_tab = h.request(*[form[f] for f in train_view.FIELDS])
-    from_api = service.train_request(
-        validate(TrainBody, unalias({"embedding": "subject", "dataset": str(data)}))
-    )
+    from_api = service.train_request(train_fields({"embedding": "subject", "dataset": str(data)}))
     assert from_tab == from_api
     assert form_kind == kind and from_api.steps == 321
     expected = recipe_for(kind)

@@ -95,8 +95,8 @@ def _train_body() -> type[BaseModel]:
 
 
 TrainBody = _train_body()
-#: the value sets of the other bodies' fields
-_CHOICES: dict[str, Any] = {"init_mode": InitMode, "format": SaveFormat}
+#: the type of each body field that has a value set
+_CHOICES: dict[str, Any] = {**FIELD_TYPES, "init_mode": InitMode, "format": SaveFormat}
 BODIES: dict[str, type[BaseModel]] = {
     "create": CreateBody,
     "merge": MergeBody,
@@ -121,14 +121,14 @@ def _error_text(model: type[BaseModel], err: Mapping[str, Any], given: Mapping[s
         close = difflib.get_close_matches(name, [*known, *TRAIN_ALIASES], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"unknown field {name!r}{hint}; the fields are: {', '.join(known)}"
-    allowed = choices(FIELD_TYPES.get(name)) or choices(_CHOICES.get(name))
+    allowed = choices(_CHOICES.get(name))
     if allowed:
         return f"{name} must be one of {', '.join(allowed)} (got {given.get(name)!r})"
     return f"{name}: {err.get('msg', 'invalid value')}" if name else str(err.get("msg", "invalid body"))
 
 
-def validate(model: type[BaseModel], data: Mapping[str, Any]) -> dict[str, Any]:
-    """``data`` checked against ``model``: the given fields (null: left out), or ApiError 422."""
+def validate(model: type[BaseModel], data: Any) -> dict[str, Any]:
+    """``data`` checked against ``model``: every field's value, or ApiError 422."""
     if not isinstance(data, Mapping):
         raise ApiError(422, "the body must be a JSON object")
     try:
@@ -136,9 +136,16 @@ def validate(model: type[BaseModel], data: Mapping[str, Any]) -> dict[str, Any]:
     except ValidationError as e:
         raise ApiError(422, "; ".join(_error_text(model, err, data) for err in e.errors())) from e
     values: dict[str, Any] = parsed.model_dump() if PYDANTIC_2 else parsed.dict()  # type: ignore[union-attr]
-    defaults = {k: v for k, v in values.items() if k not in data}
-    given = {k: v for k, v in values.items() if k in data and v is not None}
-    return {**defaults, **given} if model is not TrainBody else given
+    return values
+
+
+def train_fields(body: Any) -> dict[str, Any]:
+    """The fields a training body gives (older names folded in, checked); the rest is the recipe's."""
+    values = validate(TrainBody, unalias(body) if isinstance(body, Mapping) else body)
+    given = {k: v for k, v in values.items() if v is not None}
+    if isinstance(given.get("lr"), float | int):
+        given["lr"] = repr(given["lr"])  # a bare number is a rate
+    return given
 
 
 def unalias(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -301,10 +308,7 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
         return {"name": emb.name, "kind": emb.kind, "vectors": emb.num_vectors, "file": str(path)}
 
     def train(body: dict = Body(...)) -> Any:  # noqa: B008
-        b = validate(TrainBody, unalias(body) if isinstance(body, Mapping) else body)
-        if isinstance(b.get("lr"), float | int):
-            b["lr"] = repr(b["lr"])
-        job = service.start_training(b)
+        job = service.start_training(train_fields(body))
         return JSONResponse(status_code=202, content={"job": job.id})
 
     def job_status(job_id: str) -> Any:
