@@ -20,6 +20,7 @@ from lib_ti.create import CreateArgs, create_embedding
 from lib_ti.embedding import Embedding
 from lib_ti.errors import EmbeddingExists, EmbeddingNotFound, TIError
 from lib_ti.hostinfo import HostServices
+from lib_ti.inline.plan import InlineEvaluator
 from lib_ti.io.atomic import atomic_write_bytes
 from lib_ti.io.formats import (
     SAVE_SUFFIX,
@@ -68,6 +69,8 @@ class Service:
         #: (model hash, encoder keys, files) -> the merge context over them
         self._merge_cache: tuple[tuple[Any, ...], MergeContext] | None = None
         self._nearest_cache: tuple[tuple[Any, ...], dict[str, NearestTokens]] | None = None
+        #: results of expressions written in prompts (``<'cat'+'dog'>``), per merge context
+        self.inline = InlineEvaluator()
 
     # ------------------------------------------------------------------ files
     def folder(self) -> Path:
@@ -167,6 +170,22 @@ class Service:
         """What :meth:`merge` would write, without writing it."""
         return merge_to_embedding(expression, self.merge_context(self.host.build_parts()), name)
 
+    def evaluate(self, expression: str, nearest: int = 3) -> dict[str, Any]:
+        """An expression's result without saving it: kind, vector count, norms and nearest tokens
+        (the Merge view's preview and ``POST /ti/v1/evaluate``)."""
+        emb = self.preview_merge(expression)
+        norms = {k: [round(float(x), 4) for x in v.float().norm(dim=1)] for k, v in emb.vectors.items()}
+        return {
+            "kind": emb.kind,
+            "vectors": emb.num_vectors,
+            "norms": norms,
+            "nearest": self.nearest(emb, nearest) if nearest > 0 else {},
+        }
+
+    def inline_context(self) -> MergeContext:
+        """The merge context prompt expressions are evaluated on (the loaded model must be loaded)."""
+        return self.merge_context(self.host.build_parts())
+
     def template_prompts(
         self, template: str, dataset: str, name: str, count: int = 6
     ) -> list[tuple[str, str]]:
@@ -213,6 +232,7 @@ class Service:
             bos_id=first.tokenizer.id_start,
             eos_id=first.tokenizer.id_end,
             pad_id=first.pad_id,
+            pad_ids={e.key: e.pad_id for e in encs},
         )
         self._merge_cache = (key, ctx)
         return ctx

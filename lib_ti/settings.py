@@ -21,6 +21,14 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting(
+        "ti_inline",
+        True,
+        "Embedding math in prompts: <'cat'+'dog'> is a temporary embedding",
+        "checkbox",
+        info="the Embedding Merge extension's syntax; off when that extension is enabled",
+    ),
+    Setting("ti_inline_curly", True, "Also read {'…'} in prompts as embedding math", "checkbox"),
+    Setting(
         "ti_save_format",
         "safetensors",
         "File format for embeddings this extension writes",

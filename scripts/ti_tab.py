@@ -8,6 +8,7 @@ import os
 from modules import script_callbacks
 
 from lib_ti import __version__
+from lib_ti.host import inline
 from lib_ti.host.adapter import get_service
 from lib_ti.host.detect import detect_adapter
 from lib_ti.ui import settings
@@ -48,5 +49,7 @@ script_callbacks.on_app_started(_app_started)
 _on_model_loaded = ADAPTER.model_loaded_hook()
 if _on_model_loaded is not None:
     script_callbacks.on_model_loaded(_on_model_loaded)
+
+inline.install(_service, ADAPTER.temporary_embeddings, ADAPTER.model_loaded)
 
 print(f"[-] Textual Inversion tab (lib_ti {__version__}) loaded on {ADAPTER.name}.")  # noqa: T201

@@ -248,10 +248,34 @@ def test_multi_word_and_ambiguous_embedding_names(tokenizer, tables):
     assert info.value.column == 4
 
 
-def test_sd1_embedding_on_sdxl_names_the_embedding(sdxl):
-    with pytest.raises(MergeError, match="'sd1style' has no clip_g vectors") as info:
-        evaluate("'cat' + 'a  sd1style'", sdxl)
-    assert info.value.column == 13
+def test_sd1_embedding_on_sdxl_is_plain_words(sdxl, tables, tokenizer):
+    # A1111 skips an SD1 embedding on SDXL, so its name in a prompt is words; EM reads it so too
+    assert_same(evaluate("'a  sd1style'", sdxl), rows(tables, tokenizer.encode("a sd1style")))
+
+
+def test_embedding_name_next_to_punctuation(sdxl, tables, embeddings):
+    # found by tokens, as the web UI finds names in prompts (EM: 'mystyle,cat')
+    style = embeddings["mystyle"].vectors
+    want = {e: torch.cat([style[e], tables[e][[267, 2368]]]) for e in SDXL}
+    assert_same(evaluate("'mystyle,cat'", sdxl), want)
+    # a longer word that only starts with the name is not the name
+    assert count(evaluate("'mystyles'", sdxl)) != 2 or not torch.equal(
+        evaluate("'mystyles'", sdxl)["clip_l"], style["clip_l"]
+    )
+
+
+def test_em_multiply_then_chain(sdxl, tables):
+    # EM reads 'cat'*2,256 as ('cat'*2),256
+    want = {e: torch.cat([tables[e][[2368]] * 2, tables[e][[256]]]) for e in SDXL}
+    assert_same(evaluate("'cat'*2,256", sdxl), want)
+    assert_same(evaluate("'a' + 'cat'/2,256", sdxl), evaluate("'a' + (('cat'/2),256)", sdxl))
+
+
+def test_empty_result_only_when_allowed(sdxl):
+    got = evaluate("'bad anatomy,':0", sdxl, allow_empty=True)
+    assert count(got) == 0 and set(got) == set(SDXL)
+    with pytest.raises(MergeError, match="gives 0 vectors"):
+        evaluate("'bad anatomy,':0", sdxl)
 
 
 def test_sd1_embedding_on_sd1(sd1, embeddings):
@@ -264,6 +288,14 @@ def test_token_ids_and_special_tokens(sdxl, sd1, tokenizer, tables, embeddings):
     sd2_like = make_ctx(tokenizer, tables, embeddings, encoders=("clip_l",), pad_id=0)
     assert_same(evaluate("'',00", sd2_like), rows(tables, [0], ("clip_l",)))
     assert_same(evaluate("'',00", sd1), rows(tables, [49407], ("clip_l",)))
+
+
+def test_pad_is_each_encoders_own(tokenizer, tables, embeddings):
+    # SDXL: 00 is 49407 on CLIP-L and 0 on open_clip's CLIP-G (A1111's id_pad), as in EM
+    ctx = make_ctx(tokenizer, tables, embeddings, pad_ids={"clip_l": 49407, "clip_g": 0})
+    got = evaluate("'cat',00,1929", ctx)
+    for e, pad in (("clip_l", 49407), ("clip_g", 0)):
+        torch.testing.assert_close(got[e], tables[e][[2368, pad, 1929]])
 
 
 def test_bracketed_values_in_chains(sdxl, tables):
@@ -576,7 +608,7 @@ def test_long_lines_are_windowed_around_the_column():
         ('"cat"', 1, "single quotes", True),
         ("'cat' =+ 'dog'", 7, "'=' must be followed by", True),
         ("'cat'[]", 6, "empty brackets", True),
-        ("'cat'*2,3", 8, "chain starts with a string", True),
+        ("2,3", 2, "chain starts with a string", True),
         ("'',007", 4, "bad token id '007'", True),
         ("'',2L", 4, "no L/G suffix", True),
         ("'cat'*1e999", 7, "too large", True),

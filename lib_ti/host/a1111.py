@@ -7,8 +7,9 @@ refuse training (not verified there).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -117,6 +118,30 @@ def _preview(emb: Embedding, prompt: str, step: int, out_dir: Path) -> str | Non
     return webui.save_preview(emb, image, step, out_dir) if image is not None else None
 
 
+@contextlib.contextmanager
+def temporary_embeddings(embeddings: Mapping[str, Embedding]) -> Iterator[None]:
+    """Embeddings known to the database by name inside the ``with`` only (prompt expressions)."""
+    from modules.textual_inversion import textual_inversion as ti
+
+    db, model = _db(), _model()
+    added: list[str] = []
+    try:
+        for name, emb in embeddings.items():
+            live = ti.create_embedding_from_data(a1111_data(emb, with_metadata=False), name, filename=name)
+            db.register_embedding_by_name(live, model, name)
+            added.append(name)
+        yield
+    finally:
+        for name in added:
+            db.register_embedding_by_name(None, model, name)
+
+
+def model_loaded() -> bool:
+    from modules import sd_models
+
+    return sd_models.model_data.sd_model is not None
+
+
 def training_refusal(label: str) -> str:
     """Why a fork that shares this adapter cannot train (checked before a job starts)."""
     return (
@@ -149,6 +174,14 @@ class A1111Adapter(webui.WebUIAdapter):
 
     def model_loaded_hook(self) -> Callable[[Any], None] | None:
         return on_model_loaded
+
+    def temporary_embeddings(
+        self, embeddings: Mapping[str, Embedding]
+    ) -> contextlib.AbstractContextManager[None]:
+        return temporary_embeddings(embeddings)
+
+    def model_loaded(self) -> bool:
+        return model_loaded()
 
 
 class ReForgeAdapter(A1111Adapter):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
+from lib_ti.embedding import Embedding
 from lib_ti.hostinfo import HostInfo, HostServices
 from lib_ti.service import Service
 
@@ -56,6 +58,15 @@ class HostAdapter(Protocol):
 
     def model_loaded_hook(self) -> Callable[[Any], None] | None:
         """A ``script_callbacks.on_model_loaded`` callback, or None when the host needs none."""
+        ...
+
+    def temporary_embeddings(self, embeddings: Mapping[str, Embedding]) -> AbstractContextManager[None]:
+        """A context in which the host's prompt encoding knows ``embeddings`` by name, and only there
+        (prompt expressions, :mod:`lib_ti.host.inline`)."""
+        ...
+
+    def model_loaded(self) -> bool:
+        """Whether a model is loaded now (without loading one)."""
         ...
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -117,6 +117,26 @@ def register_live(emb_data: dict[str, Any], name: str) -> None:
             eng.embeddings.register_embedding(live)
 
 
+@contextlib.contextmanager
+def temporary_embeddings(embeddings: Mapping[str, Embedding]) -> Iterator[None]:
+    """Embeddings known to the loaded model's engines by name inside the ``with`` only (prompt expressions)."""
+    from backend.text_processing.textual_inversion import create_embedding_from_data
+
+    m = loaded_model()
+    added: list[tuple[Any, str]] = []
+    try:
+        for eng in engines(m) if m is not None else []:
+            for name, emb in embeddings.items():
+                live = create_embedding_from_data(a1111_data(emb, with_metadata=False), name, filename=name)
+                if eng.embeddings.expected_shape in (-1, live.shape):
+                    eng.embeddings.register_embedding_by_name(live, name)
+                    added.append((eng, name))
+        yield
+    finally:
+        for eng, name in added:
+            eng.embeddings.register_embedding_by_name(None, name)
+
+
 def _still_loaded(m: Any) -> Callable[[], bool]:
     from modules import sd_models
 
@@ -174,6 +194,14 @@ class ForgeAdapter(webui.WebUIAdapter):
 
     def on_app_started(self, app: Any) -> None:
         remember_api(app)
+
+    def temporary_embeddings(
+        self, embeddings: Mapping[str, Embedding]
+    ) -> contextlib.AbstractContextManager[None]:
+        return temporary_embeddings(embeddings)
+
+    def model_loaded(self) -> bool:
+        return loaded_model() is not None
 
     def add_check_routes(self, app: Any, service: Any) -> None:
         forge_checks.add_check_routes(app, service, ensure_model)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lib_ti.embedding import ENCODER_WIDTHS, KIND_LABELS, MAX_VECTORS, Embedding
+from lib_ti.embedding import ENCODER_WIDTHS, MAX_VECTORS, Embedding
 from lib_ti.merge.errors import MergeError
 from lib_ti.merge.lexer import SUFFIX_ENCODERS
 from lib_ti.merge.syntax import (
@@ -54,8 +54,35 @@ class MergeContext:
     bos_id: int = 49406
     eos_id: int = 49407
     pad_id: int = 49407
+    #: each encoder's own padding id where it differs from ``pad_id`` (EM's ``00``: 0 for open_clip's CLIP-G)
+    pad_ids: Mapping[str, int] = field(default_factory=dict)
     #: Mean L2 norm of each encoder's token table, filled by :func:`vocab_norms` on first use.
     _vocab_norms: dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
+    #: first token id -> [(token ids of a name, names with those ids)], longest first; built on first use
+    _name_index: dict[int, list[tuple[tuple[int, ...], list[str]]]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+
+def _name_index(ctx: MergeContext) -> dict[int, list[tuple[tuple[int, ...], list[str]]]]:
+    """Embedding names by their token ids, as the web UI finds them in a prompt; cached on ``ctx``.
+
+    Only embeddings with vectors for every encoder of the model are names; the others are plain words
+    there (A1111 skips an SD1 embedding on SDXL, and EM reads its name as words).
+    """
+    if ctx._name_index is None:
+        by_ids: dict[tuple[int, ...], list[str]] = {}
+        for name, emb in ctx.embeddings.items():
+            if any(e not in emb.vectors for e in ctx.encoders):
+                continue
+            ids = tuple(ctx.tokenize(name))
+            if ids:
+                by_ids.setdefault(ids, []).append(name)
+        index: dict[int, list[tuple[tuple[int, ...], list[str]]]] = {}
+        for ids, names in sorted(by_ids.items(), key=lambda kv: -len(kv[0])):
+            index.setdefault(ids[0], []).append((ids, names))
+        ctx._name_index = index
+    return ctx._name_index
 
 
 def vocab_norms(ctx: MergeContext) -> dict[str, float]:
@@ -112,11 +139,6 @@ class _Evaluator:
             msg = f"unknown encoder {unknown[0]!r} (expected clip_l, clip_h or clip_g)"
             raise MergeError(msg)
         self.by_name = dict(ctx.embeddings)
-        folded: dict[str, list[str]] = {}
-        for name in self.by_name:
-            folded.setdefault(" ".join(name.split()).casefold(), []).append(name)
-        self.folded = folded
-        self.max_words = max((len(name.split()) for name in self.by_name), default=1)
 
     def fail(self, message: str, col: int | None) -> MergeError:
         return MergeError(message, col, self.expr)
@@ -185,58 +207,60 @@ class _Evaluator:
             out[e] = t.detach().to(device="cpu", dtype=torch.float32)
         return out
 
-    def find_embedding(self, words: list[str], i: int, col: int) -> tuple[str, int] | None:
-        """The embedding name that starts at ``words[i]`` (longest first) and its word count."""
-        for k in range(min(self.max_words, len(words) - i), 0, -1):
-            phrase = " ".join(words[i : i + k])
-            if phrase in self.by_name:
-                return phrase, k
-            names = self.folded.get(phrase.casefold(), [])
+    @staticmethod
+    def written(name: str, node: Text) -> tuple[str, int]:
+        """How ``name`` is written in the string (any case and spacing) and its column."""
+        m = re.search(r"\s+".join(map(re.escape, name.split())), node.text, re.IGNORECASE)
+        if m is None:
+            return name, node.col
+        return m.group(), node.positions[m.start()] if node.positions else node.col
+
+    def find_embedding(self, ids: list[int], i: int, node: Text) -> tuple[str, int] | None:
+        """The embedding whose name's tokens start at ``ids[i]`` (longest first) and its token count.
+
+        Names are found by tokens, as the web UI finds them in prompts: ``'mystyle,cat'`` holds
+        ``mystyle``. Names that differ only in case have the same tokens: the one written exactly wins.
+        """
+        for name_ids, names in _name_index(self.ctx).get(ids[i], []):
+            if tuple(ids[i : i + len(name_ids)]) != name_ids:
+                continue
             if len(names) > 1:
-                msg = f"{phrase!r} matches several embeddings ({', '.join(sorted(names))}); write one exactly"
-                raise self.fail(msg, col)
-            if names:
-                return names[0], k
+                spaced = " ".join(node.text.split())
+                exact = [n for n in names if " ".join(n.split()) in spaced]
+                if len(exact) != 1:
+                    phrase, col = self.written(names[0], node)
+                    msg = f"{phrase!r} matches several embeddings ({', '.join(sorted(names))}); write one exactly"
+                    raise self.fail(msg, col)
+                names = exact
+            return names[0], len(name_ids)
         return None
 
-    def embedding_vectors(self, name: str, col: int) -> _Seq:
+    def embedding_vectors(self, name: str) -> _Seq:
         emb = self.by_name[name]
-        missing = [e for e in self.encoders if e not in emb.vectors]
-        if missing:
-            label = KIND_LABELS.get(emb.kind, emb.kind)
-            msg = f"embedding {name!r} has no {missing[0]} vectors: it is {label}, this model needs {' + '.join(self.encoders)}"
-            raise self.fail(msg, col)
         return {e: emb.vectors[e].detach().to(device="cpu", dtype=torch.float32) for e in self.encoders}
 
     def text(self, node: Text) -> _Seq:
-        matches = list(re.finditer(r"\S+", node.text))
-        words = [m.group() for m in matches]
-        cols = [node.positions[m.start()] if node.positions else node.col for m in matches]
+        ids = list(self.ctx.tokenize(node.text)) if node.text.strip() else []
+        if len(ids) > MAX_INTERMEDIATE:
+            msg = f"the text gives {len(ids)} tokens (limit {MAX_INTERMEDIATE})"
+            raise self.fail(msg, node.col)
         parts: list[_Seq] = []
         run: list[int] = []
-
-        def flush() -> None:
-            if run:
-                text = " ".join(words[j] for j in run)
-                ids = list(self.ctx.tokenize(text))
-                if len(ids) > MAX_INTERMEDIATE:
-                    msg = f"the text gives {len(ids)} tokens (limit {MAX_INTERMEDIATE})"
-                    raise self.fail(msg, cols[run[0]])
-                parts.append(self.lookup_ids(ids, cols[run[0]]))
-                run.clear()
-
         i = 0
-        while i < len(words):
-            found = self.find_embedding(words, i, cols[i])
+        while i < len(ids):
+            found = self.find_embedding(ids, i, node)
             if found is None:
-                run.append(i)
+                run.append(ids[i])
                 i += 1
                 continue
-            flush()
+            if run:
+                parts.append(self.lookup_ids(run, node.col))
+                run = []
             name, k = found
-            parts.append(self.embedding_vectors(name, cols[i]))
+            parts.append(self.embedding_vectors(name))
             i += k
-        flush()
+        if run:
+            parts.append(self.lookup_ids(run, node.col))
         if not parts:
             return self.zeros(0)
         return self.checked({e: torch.cat([p[e] for p in parts]) for e in self.encoders}, node.col)
@@ -255,8 +279,15 @@ class _Evaluator:
         parts: list[_Seq] = []
         ids: list[int] = []
         first_col = node.col
-        special = {"pad": self.ctx.pad_id, "eos": self.ctx.eos_id, "bos": self.ctx.bos_id}
+        pads = {e: self.ctx.pad_ids.get(e, self.ctx.pad_id) for e in self.encoders}
+        special = {"pad": pads[self.encoders[0]], "eos": self.ctx.eos_id, "bos": self.ctx.bos_id}
         for item in node.items:
+            if isinstance(item, SpecialToken) and item.which == "pad" and len(set(pads.values())) > 1:
+                if ids:  # each encoder's own padding id (0 on open_clip's CLIP-G, 49407 on CLIP-L)
+                    parts.append(self.lookup_ids(ids, first_col))
+                    ids = []
+                parts.append({e: self.lookup_ids([pads[e]], item.col)[e] for e in self.encoders})
+                continue
             if isinstance(item, SpecialToken):
                 if not ids:
                     first_col = item.col
@@ -504,14 +535,14 @@ class _Evaluator:
         msg = f"unknown syntax node {type(node).__name__}"
         raise TypeError(msg)
 
-    def result(self, node: Node) -> dict[str, torch.Tensor]:
+    def result(self, node: Node, *, allow_empty: bool = False) -> dict[str, torch.Tensor]:
         v = self.visit(node)
         start = len(self.expr) - len(self.expr.lstrip()) + 1
         if not isinstance(v, dict):
             msg = f"the expression gives {_what(v)}, not vectors"
             raise self.fail(msg, start)
         n = _length(v)
-        if not 1 <= n <= MAX_VECTORS:
+        if not (0 if allow_empty else 1) <= n <= MAX_VECTORS:
             hint = "" if n == 0 else f"; crop with :{MAX_VECTORS} or shrink with pool(x, n)"
             msg = f"the expression gives {n} vectors; an embedding holds 1 to {MAX_VECTORS}{hint}"
             raise self.fail(msg, start)
@@ -527,15 +558,16 @@ class _Evaluator:
         return out
 
 
-def evaluate(expr: str, ctx: MergeContext) -> dict[str, torch.Tensor]:
-    """Evaluate an expression: ``{encoder: [n, width]}`` float32 CPU tensors, 1 to 75 finite vectors.
+def evaluate(expr: str, ctx: MergeContext, *, allow_empty: bool = False) -> dict[str, torch.Tensor]:
+    """Evaluate an expression: ``{encoder: [n, width]}`` float32 CPU tensors, 1 to 75 finite vectors
+    (0 too with ``allow_empty``: in a prompt, EM's ``<'text':0>`` removes the text).
 
     Raises :class:`MergeSyntaxError` for a malformed expression and :class:`MergeError` for one that
     cannot be computed (both say where).
     """
     node = parse(expr)
     try:
-        vectors = _Evaluator(expr, ctx).result(node)
+        vectors = _Evaluator(expr, ctx).result(node, allow_empty=allow_empty)
     except RecursionError:
         msg = "the expression is nested too deeply (too many operators in a row)"
         raise MergeError(msg, 1, expr) from None

@@ -205,7 +205,9 @@ class _Parser:
                 left = Binary(op, left, right, col=tok.col)
             elif op in "*/" and bp < _BP_MUL:
                 self.take()
-                right = self.expression(_BP_MUL + 1, commas=commas, colons=colons)
+                # EM's 'cat'*2,256 is ('cat'*2),256: a bare number before ',' ends the factor
+                bare = self.peek().kind == "num" and self.toks[self.pos + 1].text == ","
+                right = self.expression(_BP_MUL + 1, commas=commas and not bare, colons=colons)
                 left = Binary(op, left, right, col=tok.col)
             elif op == ":" and colons and bp < _BP_MUL:
                 left = self.resize(left)

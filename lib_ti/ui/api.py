@@ -76,6 +76,12 @@ class MergeBody(StrictBody):
     format: Optional[SaveFormat] = None  # noqa: UP045
 
 
+class EvaluateBody(StrictBody):
+    expression: str
+    #: top-k nearest vocabulary tokens per vector and encoder (0: none)
+    nearest: int = 3
+
+
 class InspectBody(StrictBody):
     name: str
     #: top-k nearest vocabulary tokens per vector and encoder (needs the loaded model; 0: none)
@@ -100,6 +106,7 @@ _CHOICES: dict[str, Any] = {**FIELD_TYPES, "init_mode": InitMode, "format": Save
 BODIES: dict[str, type[BaseModel]] = {
     "create": CreateBody,
     "merge": MergeBody,
+    "evaluate": EvaluateBody,
     "inspect": InspectBody,
     "train": TrainBody,
 }
@@ -307,6 +314,12 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
         emb = read_embedding(path)
         return {"name": emb.name, "kind": emb.kind, "vectors": emb.num_vectors, "file": str(path)}
 
+    def evaluate(body: dict = Body(...)) -> Any:  # noqa: B008
+        b = validate(EvaluateBody, body)
+        if not 0 <= b["nearest"] <= 50:
+            raise ApiError(400, f"nearest must be 0 to 50 (got {b['nearest']})")
+        return service.evaluate(b["expression"], nearest=b["nearest"])
+
     def train(body: dict = Body(...)) -> Any:  # noqa: B008
         job = service.start_training(train_fields(body))
         return JSONResponse(status_code=202, content={"job": job.id})
@@ -338,6 +351,7 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
     route("/inspect", inspect_post, "POST")
     route("/create", create, "POST")
     route("/merge", merge, "POST")
+    route("/evaluate", evaluate, "POST")
     route("/train", train, "POST")
     route("/jobs/{job_id}", job_status, "GET")
     route("/jobs/{job_id}/stop", job_stop, "POST")

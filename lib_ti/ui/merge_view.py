@@ -52,17 +52,15 @@ class MergeHandlers:
             return "Type an expression; the result shows here as you type.", []
         try:
             service = get_service(self.host)
-            emb = service.preview_merge(expression)
-            nearest = service.nearest(emb, 3)
+            got = service.evaluate(expression, nearest=3)
         except (TIError, ValueError) as e:
             return error_html(e), []
         except Exception as e:
             return model_error(e), []
-        norms = {k: [round(float(x), 3) for x in v.float().norm(dim=1)] for k, v in emb.vectors.items()}
-        summary = f"**{KIND_LABELS[emb.kind]}**, {emb.num_vectors} vector(s); norms " + "; ".join(
-            f"{k}: {', '.join(map(str, v))}" for k, v in norms.items()
+        summary = f"**{KIND_LABELS[got['kind']]}**, {got['vectors']} vector(s); norms " + "; ".join(
+            f"{k}: {', '.join(f'{x:.3f}' for x in v)}" for k, v in got["norms"].items()
         )
-        return summary, nearest_rows(nearest)
+        return summary, nearest_rows(got["nearest"])
 
     def save(self, expression: str, name: str, overwrite: bool) -> tuple[str, str]:
         try:
