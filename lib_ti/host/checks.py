@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,10 +31,32 @@ def one_backward(
     return {"vector_grad_abs_sum": grads, "seconds": time.perf_counter() - t0}
 
 
+def batch_txt2img(body: dict) -> dict[str, Any]:
+    """One batch of ``prompts`` (one image each) through the host's own txt2img, as the UI runs it:
+    the SHA-256 of each image's pixels and its infotext."""
+    from modules import call_queue, processing, shared
+
+    prompts = [str(x) for x in body["prompts"]]
+    negatives = [str(x) for x in body.get("negative_prompts") or [""] * len(prompts)]
+    size = int(body.get("size", 64))
+    with call_queue.queue_lock:
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=shared.sd_model, prompt=prompts, negative_prompt=negatives, batch_size=len(prompts),
+            steps=int(body.get("steps", 2)), width=size, height=size, seed=int(body.get("seed", 7)),
+            cfg_scale=7, sampler_name="Euler", do_not_save_samples=True, do_not_save_grid=True,
+        )  # fmt: skip
+        res = processing.process_images(p)
+    return {
+        "pixels": [hashlib.sha256(img.convert("RGB").tobytes()).hexdigest() for img in res.images],
+        "infotexts": list(res.infotexts),
+    }
+
+
 def add_routes(
     app: Any, parity: Callable[[str, str | None], Any], gradient: Callable[[str, str], Any]
 ) -> None:
-    """POST /ti/v1/_checks/parity {prompt, embedding?} and /gradient {prompt, embedding}."""
+    """POST /ti/v1/_checks/parity {prompt, embedding?}, /gradient {prompt, embedding} and
+    /batch {prompts, negative_prompts?, seed?, steps?, size?}."""
 
     def parity_route(body: dict) -> Any:
         return parity(str(body["prompt"]), body.get("embedding"))
@@ -43,3 +66,4 @@ def add_routes(
 
     app.add_api_route("/ti/v1/_checks/parity", parity_route, methods=["POST"])
     app.add_api_route("/ti/v1/_checks/gradient", gradient_route, methods=["POST"])
+    app.add_api_route("/ti/v1/_checks/batch", batch_txt2img, methods=["POST"])
