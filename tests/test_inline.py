@@ -33,7 +33,10 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def tables() -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(7)
-    return {"clip_l": torch.randn(VOCAB, 768, generator=gen), "clip_g": torch.randn(VOCAB, 1280, generator=gen)}
+    return {
+        "clip_l": torch.randn(VOCAB, 768, generator=gen),
+        "clip_g": torch.randn(VOCAB, 1280, generator=gen),
+    }
 
 
 def make_ctx(tokenizer, tables, encoders=SDXL, embeddings=None) -> MergeContext:
@@ -132,7 +135,9 @@ def test_bad_expression_quotes_it_and_points_at_the_column(sdxl, sd1):
     with pytest.raises(MergeError) as info:
         ev.plan(sdxl, ["ok <'cat'>", "a photo of <'cat' + > here"])
     msg = str(info.value)
-    assert "embedding math <'cat' +> in the prompt: '+' needs a value after it" in msg and info.value.column == 7
+    assert (
+        "embedding math <'cat' +> in the prompt: '+' needs a value after it" in msg and info.value.column == 7
+    )
     assert "'cat' +\n" in msg and msg.rstrip().endswith("^")
     with pytest.raises(MergeError, match="needs an SDXL model"):
         ev.plan(sd1, ["<'cat'*0.5L>"])

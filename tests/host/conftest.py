@@ -27,6 +27,8 @@ LINK_NAME = "sd-webui-ti"
 #: the flags that run the hosts on the CPU
 A1111_FLAGS = ("--skip-torch-cuda-test", "--no-half", "--precision", "full", "--use-cpu", "all")
 FORGE_FLAGS = ("--always-cpu", "--skip-torch-cuda-test", "--disable-gpu-warning")
+#: Forge Neo: Forge's, and no bitsandbytes install at every start
+NEO_FLAGS = (*FORGE_FLAGS, "--disable-bnb")
 
 
 @dataclass
@@ -123,13 +125,15 @@ def running_host(
     ready: str = "/ti/v1/embeddings",
     flags: tuple[str, ...] = A1111_FLAGS,
     ckpt: str | None = None,
+    ckpt_flags: bool = True,
 ):
     """Start the web UI like ``launch.sh`` does, wait for its checkpoint, stop it afterwards.
 
     ``link``: link this checkout into ``extensions/`` first. ``restart_loop``: run it in webui.sh's
     loop, so that "Apply and restart UI" (which writes ``tmp/restart`` and exits) starts it again.
     ``ready``: the path that answers once the host is up (ours by default: added last).
-    ``flags``: the host's CPU flags; ``ckpt``: the start-up checkpoint's stem.
+    ``flags``: the host's CPU flags; ``ckpt``: the start-up checkpoint's stem (``ckpt_flags=False``:
+    the host has no ``--ckpt``, as Forge Neo; it loads the one its settings name on first use).
     """
     if link:
         link_path = webui / "extensions" / LINK_NAME
@@ -143,8 +147,9 @@ def running_host(
         / "Stable-diffusion"
         / f"{ckpt or os.environ.get('SD_WEBUI_CKPT', 'tiny-sd1')}.safetensors"
     )
-    args = [str(python), "launch.py", *flags, "--api", "--port", str(port), "--no-download-sd-model",
-            "--ckpt", str(ckpt_path), "--embeddings-dir", str(embeddings), *extra]  # fmt: skip
+    start = ["--no-download-sd-model", "--ckpt", str(ckpt_path)] if ckpt_flags else []
+    args = [str(python), "launch.py", *flags, "--api", "--port", str(port), *start,
+            "--embeddings-dir", str(embeddings), *extra]  # fmt: skip
     env = _env(webui)
     if restart_loop:
         env["SD_WEBUI_RESTART"] = "tmp/restart"
@@ -207,6 +212,21 @@ def forge(tmp_path_factory):
     log = tmp_path_factory.mktemp("forge") / "webui.log"
     ckpt = os.environ.get("SD_FORGE_CKPT", "rand-sd15")
     with running_host(webui_p, python, embeddings, log, port, [], flags=FORGE_FLAGS, ckpt=ckpt) as (
+        host,
+        _proc,
+    ):
+        yield host
+
+
+@pytest.fixture(scope="session")
+def neo(tmp_path_factory):
+    """A real Forge Neo (SD_NEO_DIR) on the CPU with this extension linked in, on port SD_NEO_PORT (7891);
+    its start-up checkpoint is the one its settings name (an SD1.5 one, tests/host/README.md)."""
+    webui_p, python = checkout("SD_NEO_DIR", "SD_NEO_PYTHON", "Forge Neo host")
+    embeddings = tmp_path_factory.mktemp("neo-embeddings")
+    port = int(os.environ.get("SD_NEO_PORT", "7891"))
+    log = tmp_path_factory.mktemp("neo") / "webui.log"
+    with running_host(webui_p, python, embeddings, log, port, [], flags=NEO_FLAGS, ckpt_flags=False) as (
         host,
         _proc,
     ):

@@ -1,6 +1,6 @@
 """Embedding math in prompts inside a real AUTOMATIC1111 v1.10 (skipped unless SD_WEBUI_DIR is set).
 
-The flow is tests/host/inline_flow.py, shared with Forge and Forge Neo.
+The tests are tests/host/inline_flow.py's, shared with Forge and Forge Neo; the model switch is here.
 """
 
 from __future__ import annotations
@@ -8,41 +8,23 @@ from __future__ import annotations
 import pytest
 
 from . import inline_flow as flow
+from .inline_flow import (  # noqa: F401 (the shared tests)
+    first,
+    test_bad_expression_generates_nothing,
+    test_batch_of_two_expressions,
+    test_em_infotext_pastes,
+    test_hires_prompt,
+    test_paste_round_trip,
+    test_same_image_inline_and_saved,
+    test_token_counter,
+)
 
 pytestmark = pytest.mark.host
 
 
 @pytest.fixture(scope="module")
-def first(a1111):
-    return flow.check_same_image(a1111, "a")
-
-
-def test_same_image_inline_and_saved(first):
-    assert first["images"]
-
-
-def test_hires_prompt(a1111):
-    flow.check_hires(a1111, "h")
-
-
-def test_batch_of_two_expressions(a1111):
-    flow.check_batch(a1111, "b")
-
-
-def test_paste_round_trip(a1111, first):
-    flow.check_paste_round_trip(a1111, first)
-
-
-def test_em_infotext_pastes(a1111, first):
-    flow.check_em_infotext(a1111, first)
-
-
-def test_bad_expression_generates_nothing(a1111):
-    flow.check_bad_expression(a1111)
-
-
-def test_token_counter(a1111):
-    flow.check_token_counter(a1111)
+def host(a1111):
+    return a1111
 
 
 def test_model_switch_sd1_sdxl_sd1(a1111):
@@ -53,7 +35,9 @@ def test_model_switch_sd1_sdxl_sd1(a1111):
     try:
         name = flow.saved(a1111, "'cat'+'dog'*0.5", "x")
         inline = flow.txt2img(a1111, prompt)
-        assert flow.pixels(inline) == flow.pixels(flow.txt2img(a1111, prompt.replace("<'cat'+'dog'*0.5>", name)))
+        assert flow.pixels(inline) == flow.pixels(
+            flow.txt2img(a1111, prompt.replace("<'cat'+'dog'*0.5>", name))
+        )
         assert flow.pixels(inline) != on_sd1
         assert "EmbeddingMerge" in flow.info(inline)
     finally:
