@@ -39,6 +39,7 @@ def _app_started(_demo, app):
     add_routes(app, service, ADAPTER.api_auth())
     if os.environ.get("LIB_TI_HOST_CHECKS") == "1":  # the real-host tests' self-checks only
         ADAPTER.add_check_routes(app, service)
+        inline.add_check_routes(app, _service, ADAPTER.temporary_embeddings)
     app.state.lib_ti_routes = True
 
 

@@ -197,3 +197,27 @@ def install(service: Callable[[], Any], temporary: Temporary, model_loaded: Call
         script_callbacks.on_before_token_counter(token_counter(service, model_loaded))
     else:
         logger.info("this web UI has no token-counter callback; expressions count as their text there")
+
+
+def add_check_routes(app: Any, service: Callable[[], Any], temporary: Temporary) -> None:
+    """``POST /ti/v1/_checks/inline_cost {prompt, rounds?}``: what the hook adds to one encoding of
+    ``prompt`` on the loaded model, in milliseconds (median; self-check routes only)."""
+    import statistics
+    import time
+
+    def inline_cost(body: dict) -> dict[str, Any]:
+        from modules import call_queue
+
+        prompt, rounds = str(body["prompt"]), int(body.get("rounds", 20))
+        times: list[float] = []
+        with call_queue.queue_lock:
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                svc = service()
+                plan = svc.inline.plan(svc.inline_context(), [prompt], curly=curly())
+                with temporary(plan.embeddings):
+                    pass
+                times.append(time.perf_counter() - t0)
+        return {"median_ms": statistics.median(times) * 1000, "first_ms": times[0] * 1000}
+
+    app.add_api_route("/ti/v1/_checks/inline_cost", inline_cost, methods=["POST"])
