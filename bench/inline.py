@@ -63,11 +63,17 @@ def bench(base: str, ckpt: str, rounds: int, size: int) -> str:
     evals = []
     for i in range(rounds):
         t0 = time.perf_counter()
-        call(base, "/ti/v1/evaluate", {"expression": f"'cat'*{1 + i / 100:.2f} + 'tree', {256 + i}", "nearest": 0})
+        call(
+            base,
+            "/ti/v1/evaluate",
+            {"expression": f"'cat'*{1 + i / 100:.2f} + 'tree', {256 + i}", "nearest": 0},
+        )
         evals.append(time.perf_counter() - t0)
     hook = ""
     try:  # the hook's own time in the host process (only with LIB_TI_HOST_CHECKS=1)
-        cost = call(base, "/ti/v1/_checks/inline_cost", {"prompt": inline.format(*EXPRESSIONS, tag), "rounds": 50})
+        cost = call(
+            base, "/ti/v1/_checks/inline_cost", {"prompt": inline.format(*EXPRESSIONS, tag), "rounds": 50}
+        )
         hook = f"hook_ms={cost['median_ms']:.2f} "
     except urllib.error.HTTPError:
         pass
@@ -86,7 +92,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     args = ap.parse_args()
     lines = [bench(args.base, ckpt, args.rounds, args.size) for ckpt in args.ckpts.split(",")]
-    print("\n".join(lines))  # noqa: T201
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

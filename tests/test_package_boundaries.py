@@ -218,9 +218,20 @@ def _fake_modules(monkeypatch, tmp_path, registered: dict, options: dict) -> Non
         "modules.shared",
         "modules.sd_hijack",
         "modules.sd_models",
+        "modules.processing",
     )
     fake = {name: types.ModuleType(name) for name in names}
-    for kind in ("ui_tabs", "ui_settings", "app_started", "model_loaded"):
+    fake["modules.processing"].StableDiffusionProcessing = type(
+        "StableDiffusionProcessing", (), {"get_conds_with_caching": lambda self, *a: None}
+    )
+    for kind in (
+        "ui_tabs",
+        "ui_settings",
+        "app_started",
+        "model_loaded",
+        "infotext_pasted",
+        "before_token_counter",
+    ):
         setattr(fake["modules.script_callbacks"], f"on_{kind}", on(kind))
     shared = fake["modules.shared"]
     shared.cmd_opts = types.SimpleNamespace(embeddings_dir=str(tmp_path), api_auth="me:secret")
@@ -262,7 +273,10 @@ def test_entry_script_registers_positionally(monkeypatch, tmp_path, forge_packag
     host = script["ADAPTER"]
     assert isinstance(host, adapter.HostAdapter)
     assert host.name == ("classic" if forge_package else "a1111")
-    assert set(registered) == {"ui_tabs", "ui_settings", "app_started", "model_loaded"}
+    assert set(registered) == {"ui_tabs", "ui_settings", "app_started", "model_loaded", "infotext_pasted",
+                               "before_token_counter"}  # fmt: skip
+    hooked = sys.modules["modules.processing"].StableDiffusionProcessing.get_conds_with_caching
+    assert hasattr(hooked, "_lib_ti_inline_original")  # prompt expressions
     [(blocks, title, elem_id)] = registered["ui_tabs"]()
     assert (title, elem_id) == ("Textual Inversion", "ti_tab")
 
@@ -277,7 +291,7 @@ def test_entry_script_registers_positionally(monkeypatch, tmp_path, forge_packag
     registered["app_started"](None, app)  # Reload UI: same app, routes stay single
     paths = [r.path for r in app.routes]
     assert paths.count("/ti/v1/embeddings") == 1
-    assert {"/ti/v1/_checks/parity", "/ti/v1/_checks/gradient"} <= set(paths)
+    assert {"/ti/v1/_checks/parity", "/ti/v1/_checks/gradient", "/ti/v1/_checks/inline_cost"} <= set(paths)
     client = TestClient(app)
     assert client.get("/ti/v1/embeddings").status_code == 401
     assert client.get("/ti/v1/embeddings", auth=("me", "secret")).status_code == 200
