@@ -111,8 +111,7 @@ def test_expressions_become_registered_names_for_the_call_only(host):
     assert name.startswith(TEMP_PREFIX) and texts == [f"a  {name}  b", "plain"]
     assert host.registered == {} and host.log == ["enter", "exit"]
     assert list(required) == ["a <'cat'+'dog'> b", "plain"]  # the job's prompts stay as written
-    field = p.extra_generation_params["EmbeddingMerge"]
-    assert field(p=p, index=0) == "<'EM_1'>=<'cat'+'dog'>" and field(p=p, index=1) is None
+    assert p.extra_generation_params["EmbeddingMerge"] == ["<'EM_1'>=<'cat'+'dog'>", None]  # per image
 
 
 def test_plain_prompts_pass_untouched(host):

@@ -34,7 +34,7 @@ def one_backward(
 def batch_txt2img(body: dict) -> dict[str, Any]:
     """One batch of ``prompts`` (one image each) through the host's own txt2img, as the UI runs it:
     the SHA-256 of each image's pixels and its infotext."""
-    from modules import call_queue, processing, shared
+    from modules import call_queue, processing, scripts, shared
 
     prompts = [str(x) for x in body["prompts"]]
     negatives = [str(x) for x in body.get("negative_prompts") or [""] * len(prompts)]
@@ -45,6 +45,8 @@ def batch_txt2img(body: dict) -> dict[str, Any]:
             steps=int(body.get("steps", 2)), width=size, height=size, seed=int(body.get("seed", 7)),
             cfg_scale=7, sampler_name="Euler", do_not_save_samples=True, do_not_save_grid=True,
         )  # fmt: skip
+        # no scripts (reForge's processing needs a runner; an empty one changes nothing)
+        p.scripts, p.script_args = scripts.ScriptRunner(), []
         res = processing.process_images(p)
     return {
         "pixels": [hashlib.sha256(img.convert("RGB").tobytes()).hexdigest() for img in res.images],

@@ -8,7 +8,8 @@
   so a bad one stops it before any image), the prompts handed to the encoder name temporary embeddings
   instead, and the adapter's ``temporary`` registers those for the call only. The names are derived
   from the vectors, so the host's cache (keyed by that text) never serves other vectors.
-- the infotext: EM's ``EmbeddingMerge`` field per image; the prompts in it stay as the user wrote them.
+- the infotext: EM's ``EmbeddingMerge`` field per image (a list by image index in the job's
+  ``extra_generation_params``); the prompts in it stay as the user wrote them.
 - ``on_infotext_pasted``: EM's ``<'EM_1'>`` placeholders become their expressions again.
 - ``on_before_token_counter``: an expression counts as its number of vectors.
 
@@ -81,18 +82,16 @@ def _job_prompts(p: Any) -> list[str]:
     return out
 
 
-def field_writer(use_curly: bool) -> Callable[..., str | None]:
-    """The ``EmbeddingMerge`` value of one image: a callable the host's ``create_infotext`` calls."""
-
-    def embedding_merge(p: Any, index: int = 0, **kwargs: Any) -> str | None:
-        texts: list[str] = []
-        for attr in _PROMPT_LISTS:
-            seq = kwargs.get(attr) or getattr(p, attr, None)
-            if isinstance(seq, list) and 0 <= index < len(seq) and isinstance(seq[index], str):
-                texts.append(seq[index])
-        return infotext.format_field(texts, curly=use_curly) or None
-
-    return embedding_merge
+def field_values(p: Any, use_curly: bool) -> list[str | None]:
+    """The ``EmbeddingMerge`` value of each image of the job (the host's ``create_infotext`` picks one by
+    the image's index). A list, not a callable: Forge Classic's API cannot serialise callables."""
+    lists = [seq for seq in (getattr(p, attr, None) for attr in _PROMPT_LISTS) if isinstance(seq, list)]
+    count = max((len(seq) for seq in lists), default=0)
+    values: list[str | None] = []
+    for i in range(count):
+        texts = [seq[i] for seq in lists if i < len(seq) and isinstance(seq[i], str)]
+        values.append(infotext.format_field(texts, curly=use_curly) or None)
+    return values
 
 
 def _strip_names(params: Any) -> None:
@@ -143,7 +142,7 @@ def wrap_get_conds(
             # the whole job first: a bad expression in any prompt stops it before the first image
             svc.inline.check(ctx, _job_prompts(self), curly=use_curly)
             self._lib_ti_inline_checked = True
-            self.extra_generation_params[infotext.FIELD] = field_writer(use_curly)
+            self.extra_generation_params[infotext.FIELD] = field_values(self, use_curly)
         plan = svc.inline.plan(ctx, list(required_prompts), curly=use_curly)
         with temporary(plan.embeddings):
             result = original(

@@ -29,6 +29,13 @@ A1111_FLAGS = ("--skip-torch-cuda-test", "--no-half", "--precision", "full", "--
 FORGE_FLAGS = ("--always-cpu", "--skip-torch-cuda-test", "--disable-gpu-warning")
 #: Forge Neo: Forge's, and no bitsandbytes install at every start
 NEO_FLAGS = (*FORGE_FLAGS, "--disable-bnb")
+#: Forge Classic and reForge (no --disable-gpu-warning there)
+CLASSIC_FLAGS = ("--always-cpu", "--skip-torch-cuda-test")
+#: reForge clones Stability's repository at start; its pinned fork is not what the test host mirrors
+REFORGE_ENV = {
+    "STABLE_DIFFUSION_REPO": "https://github.com/Stability-AI/stablediffusion.git",
+    "STABLE_DIFFUSION_COMMIT_HASH": "cf1d67a6fd5ea1aa600c4df58e5b47da45f6bdbf",
+}
 
 
 @dataclass
@@ -126,12 +133,16 @@ def running_host(
     flags: tuple[str, ...] = A1111_FLAGS,
     ckpt: str | None = None,
     ckpt_flags: bool = True,
+    env_extra: dict[str, str] | None = None,
+    started_line: str | None = None,
 ):
     """Start the web UI like ``launch.sh`` does, wait for its checkpoint, stop it afterwards.
 
     ``link``: link this checkout into ``extensions/`` first. ``restart_loop``: run it in webui.sh's
     loop, so that "Apply and restart UI" (which writes ``tmp/restart`` and exits) starts it again.
     ``ready``: the path that answers once the host is up (ours by default: added last).
+    ``started_line``: a log line to wait for before the first request (reForge breaks when a request
+    arrives before its API is added: "Cannot add middleware after an application has started").
     ``flags``: the host's CPU flags; ``ckpt``: the start-up checkpoint's stem (``ckpt_flags=False``:
     the host has no ``--ckpt``, as Forge Neo; it loads the one its settings name on first use).
     """
@@ -150,7 +161,7 @@ def running_host(
     start = ["--no-download-sd-model", "--ckpt", str(ckpt_path)] if ckpt_flags else []
     args = [str(python), "launch.py", *flags, "--api", "--port", str(port), *start,
             "--embeddings-dir", str(embeddings), *extra]  # fmt: skip
-    env = _env(webui)
+    env = {**_env(webui), **(env_extra or {})}
     if restart_loop:
         env["SD_WEBUI_RESTART"] = "tmp/restart"
         (webui / "tmp" / "restart").unlink(missing_ok=True)
@@ -167,6 +178,11 @@ def running_host(
                 pytest.fail(
                     f"web UI exited with {proc.returncode}:\n{log.read_text(errors='replace')[-4000:]}"
                 )
+            if started_line and started_line not in log.read_text(errors="replace"):
+                if time.time() > deadline:
+                    pytest.fail(f"web UI did not print {started_line!r} in 600 s")
+                time.sleep(1)
+                continue
             try:
                 # our routes are added by on_app_started, after the host's own API
                 urllib.request.urlopen(host.base + ready, timeout=5).close()
@@ -226,10 +242,45 @@ def neo(tmp_path_factory):
     embeddings = tmp_path_factory.mktemp("neo-embeddings")
     port = int(os.environ.get("SD_NEO_PORT", "7891"))
     log = tmp_path_factory.mktemp("neo") / "webui.log"
-    with running_host(webui_p, python, embeddings, log, port, [], flags=NEO_FLAGS, ckpt_flags=False) as (
+    with running_host(
+        webui_p,
+        python,
+        embeddings,
+        log,
+        port,
+        [],
+        flags=NEO_FLAGS,
+        ckpt_flags=False,
+        started_line="Startup time:",
+    ) as (  # fmt: skip
         host,
         _proc,
     ):
+        yield host
+
+
+def _fork(tmp_path_factory, name: str, what: str, port: int, **kwargs):
+    key = name.upper()
+    webui_p, python = checkout(f"SD_{key}_DIR", f"SD_{key}_PYTHON", what)
+    embeddings = tmp_path_factory.mktemp(f"{name}-embeddings")
+    port = int(os.environ.get(f"SD_{key}_PORT", str(port)))
+    log = tmp_path_factory.mktemp(name) / "webui.log"
+    ckpt = os.environ.get(f"SD_{key}_CKPT", "rand-sd15")
+    return running_host(webui_p, python, embeddings, log, port, [], flags=CLASSIC_FLAGS, ckpt=ckpt,
+                        started_line="Startup time:", **kwargs)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def classic(tmp_path_factory):
+    """A real Forge Classic (SD_CLASSIC_DIR) on the CPU, port SD_CLASSIC_PORT (7893), checkpoint rand-sd15."""
+    with _fork(tmp_path_factory, "classic", "Forge Classic host", 7893) as (host, _proc):
+        yield host
+
+
+@pytest.fixture(scope="session")
+def reforge(tmp_path_factory):
+    """A real reForge (SD_REFORGE_DIR) on the CPU, port SD_REFORGE_PORT (7895), checkpoint rand-sd15."""
+    with _fork(tmp_path_factory, "reforge", "reForge host", 7895, env_extra=REFORGE_ENV) as (host, _proc):
         yield host
 
 

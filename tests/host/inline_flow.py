@@ -79,9 +79,10 @@ def check_same_image(host, tag: str) -> dict:
 def check_hires(host, tag: str) -> None:
     salt = unique()
     name = saved(host, "'sky'*1.5", tag)
-    # Forge Neo's API fails hires without hr_additional_modules (A1111 ignores the field)
+    # The API's hires fails on Forge Neo without hr_additional_modules and on Forge Classic without
+    # hr_cfg_scale (the UI always sends both; hosts that do not know a field ignore it)
     hr = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "hr_second_pass_steps": 1,
-          "denoising_strength": 0.5, "hr_additional_modules": ["Use same choices"]}  # fmt: skip
+          "denoising_strength": 0.5, "hr_additional_modules": ["Use same choices"], "hr_cfg_scale": 7}  # fmt: skip
     inline = txt2img(host, f"a field {salt}", hr_prompt=f"a field <'sky'*1.5> {salt}", **hr)
     named = txt2img(host, f"a field {salt}", hr_prompt=f"a field {name} {salt}", **hr)
     assert pixels(inline) == pixels(named)
