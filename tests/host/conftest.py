@@ -252,7 +252,7 @@ def neo(tmp_path_factory):
         flags=NEO_FLAGS,
         ckpt_flags=False,
         started_line="Startup time:",
-    ) as (  # fmt: skip
+    ) as (
         host,
         _proc,
     ):
