@@ -194,3 +194,21 @@ def test_merge_preview_reads_unchanged_files_once(tmp_path, monkeypatch):
     assert reads == ["other.safetensors"]
     assert again.vectors.keys() == first.vectors.keys()
     assert service.merge_context(service.host.build_parts()) is not ctx
+
+
+def test_evaluate_route_saves_nothing(api):
+    client, service, _ = api
+    before = sorted(p.name for p in service.folder().iterdir())
+    r = client.post("/ti/v1/evaluate", json={"expression": "'cat' + 'dog'", "nearest": 2})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["kind"] == "sd1" and out["vectors"] == 1
+    assert len(out["norms"]["clip_l"]) == 1 and out["norms"]["clip_l"][0] > 0
+    assert len(out["nearest"]["clip_l"][0]) == 2
+    assert sorted(p.name for p in service.folder().iterdir()) == before
+    r = client.post("/ti/v1/evaluate", json={"expression": "'cat' +"})
+    assert r.status_code == 400 and "column 7" in r.json()["detail"]
+    r = client.post("/ti/v1/evaluate", json={"expresion": "'cat'"})
+    assert r.status_code == 422 and "did you mean 'expression'" in r.json()["detail"]
+    r = client.post("/ti/v1/evaluate", json={"expression": "'cat'", "nearest": 1000})
+    assert r.status_code == 400 and "nearest must be 0 to 50" in r.json()["detail"]

@@ -9,6 +9,7 @@ Needs ``pip install -r requirements-host.txt`` and ``apt-get install chromium``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from pathlib import Path
@@ -170,4 +171,62 @@ def create_and_train(host, browser, tmp_path, sd1_checkpoint: str, shot_prefix: 
     _shot(page, shot_prefix + "train-done.png", "#tab_ti_tab")
     emb = read_embedding(host.embeddings / f"{name}.safetensors")
     assert emb.step == 16
+    page.close()
+
+
+def inline_prompt(host, browser, shot_prefix: str = "") -> None:
+    """Embedding math typed into txt2img's prompt: the token counter counts vectors, Generate gives an
+    image whose infotext carries EmbeddingMerge; pasting that infotext restores the prompt; a bad
+    expression shows the host's error and no image."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -r requirements-host.txt")
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(host.base, wait_until="load", timeout=180_000)
+    page.wait_for_selector("#tabs", timeout=180_000)
+    _tab(page, "#tabs", "txt2img").click()
+    for elem_id, value in [("txt2img_width", "64"), ("txt2img_height", "64"), ("txt2img_steps", "2")]:
+        _fill(page, elem_id, value, number=True)
+    prompt = "a photo of <'cat' + 'dog'*0.5> in a garden, {'oil painting'/2}"
+    box = page.locator("#txt2img_prompt textarea").first
+    box.fill(prompt)
+    box.press("End")
+    # a photo of (3) + 1 vector + in a garden , (4) + 2 vectors: the expressions count as their vectors
+    counter = page.locator("#txt2img_token_counter").first
+    with contextlib.suppress(sync_api.Error):
+        page.wait_for_function(
+            "document.querySelector('#txt2img_token_counter').innerText.trim().startsWith('10/')",
+            timeout=60_000,
+        )
+    assert counter.inner_text().strip().startswith("10/"), counter.inner_text()
+    page.locator("#txt2img_generate").click()
+    page.wait_for_function(
+        "document.querySelector('#html_info_txt2img').innerText.includes('EmbeddingMerge')", timeout=300_000
+    )
+    page.wait_for_selector("#txt2img_gallery img", timeout=60_000)
+    info = page.locator("#html_info_txt2img").first.inner_text()
+    assert (
+        prompt in info and "<'EM_1'>=<'cat' + 'dog'*0.5>" in info and "{'EM_2'}={'oil painting'/2}" in info
+    ), info
+    with contextlib.suppress(sync_api.Error):  # the "Waiting..." bar goes away after the image
+        page.wait_for_function("!document.querySelector('#tab_txt2img .progressDiv')", timeout=10_000)
+    _shot(page, shot_prefix + "inline.png", "#tab_txt2img")
+
+    # paste: the infotext into the prompt box and the paste button (what PNG Info's "Send to" does too)
+    raw = host.post("/sdapi/v1/txt2img", {"prompt": prompt, "steps": 2, "width": 64, "height": 64, "seed": 3})
+    text = json.loads(raw["info"])["infotexts"][0]
+    box.fill(text)
+    page.locator("#paste").first.click()
+    with contextlib.suppress(sync_api.Error):  # the box held the whole infotext until the paste applies
+        page.wait_for_function(
+            "p => document.querySelector('#txt2img_prompt textarea').value === p", arg=prompt, timeout=30_000
+        )
+    assert box.input_value() == prompt, box.input_value()
+
+    # a bad expression: the host's error display, quoting the expression
+    box.fill("a photo of <'cat' + > here")
+    page.locator("#txt2img_generate").click()
+    page.wait_for_function(
+        "document.querySelector('#html_log_txt2img').innerText.includes('embedding math')", timeout=120_000
+    )
+    log = page.locator("#html_log_txt2img").first.inner_text()
+    assert "<'cat' +>" in log and "column 7" in log, log
     page.close()
