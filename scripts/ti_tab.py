@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from modules import script_callbacks
+from modules import script_callbacks, scripts
 
 from lib_ti import __version__
 from lib_ti.host import inline
@@ -52,5 +52,22 @@ if _on_model_loaded is not None:
     script_callbacks.on_model_loaded(_on_model_loaded)
 
 inline.install(_service, ADAPTER.temporary_embeddings, ADAPTER.model_loaded)
+
+
+class InlineExpressions(scripts.Script):
+    """Carries {'…'} prompt expressions through sd-dynamic-prompts (metadata.ini orders this after it)."""
+
+    def title(self):
+        return "Textual Inversion: embedding math in prompts"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def before_process(self, p, *args):
+        inline.protect_curly(p)
+
+    def process(self, p, *args):
+        inline.restore_curly(p)
+
 
 print(f"[-] Textual Inversion tab (lib_ti {__version__}) loaded on {ADAPTER.name}.")  # noqa: T201

@@ -191,3 +191,26 @@ def test_reload_ui_does_not_wrap_twice(host):
     assert second._lib_ti_inline_original is first._lib_ti_inline_original
     run(host, ["a <'cat'>"])
     assert host.log == ["enter", "exit"]  # one hook, not two
+
+
+def test_curly_expressions_survive_dynamic_prompts(host, monkeypatch, tmp_path):
+    (tmp_path / "dp" / "scripts").mkdir(parents=True)
+    (tmp_path / "dp" / "scripts" / "dynamic_prompting.py").write_text("# stand-in\n")
+    host.mods["modules.extensions"].active = lambda: [SimpleNamespace(path=str(tmp_path / "dp"))]
+    p = SimpleNamespace(prompt="a {'cat'+'dog'} {red|blue} <'sky'>", negative_prompt="{'x'}", hr_prompt="",
+                        all_prompts=["a {'cat'+'dog'} {red|blue} <'sky'>"], all_negative_prompts=["{'x'}"])  # fmt: skip
+    inline.protect_curly(p)
+    assert p.prompt == "a <'cat'+'dog'> {red|blue} <'sky'>" and p.all_negative_prompts == ["<'x'>"]
+    # what sd-dynamic-prompts does: it expands its own {a|b} and leaves <'…'> alone
+    p.all_prompts = [p.all_prompts[0].replace("{red|blue}", "blue")]
+    inline.restore_curly(p)
+    assert p.all_prompts == ["a {'cat'+'dog'} blue <'sky'>"] and p.all_negative_prompts == ["{'x'}"]
+    assert p.prompt == "a {'cat'+'dog'} {red|blue} <'sky'>"
+    inline.restore_curly(p)  # once only
+    assert p.all_prompts == ["a {'cat'+'dog'} blue <'sky'>"]
+
+
+def test_no_dynamic_prompts_no_rewriting(host):
+    p = SimpleNamespace(prompt="a {'cat'}", all_prompts=["a {'cat'}"])
+    inline.protect_curly(p)
+    assert p.prompt == "a {'cat'}" and not getattr(p, "_lib_ti_curly", None)

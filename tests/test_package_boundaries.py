@@ -219,8 +219,11 @@ def _fake_modules(monkeypatch, tmp_path, registered: dict, options: dict) -> Non
         "modules.sd_hijack",
         "modules.sd_models",
         "modules.processing",
+        "modules.scripts",
     )
     fake = {name: types.ModuleType(name) for name in names}
+    fake["modules.scripts"].Script = type("Script", (), {})
+    fake["modules.scripts"].AlwaysVisible = object()
     fake["modules.processing"].StableDiffusionProcessing = type(
         "StableDiffusionProcessing", (), {"get_conds_with_caching": lambda self, *a: None}
     )
@@ -277,6 +280,8 @@ def test_entry_script_registers_positionally(monkeypatch, tmp_path, forge_packag
                                "before_token_counter"}  # fmt: skip
     hooked = sys.modules["modules.processing"].StableDiffusionProcessing.get_conds_with_caching
     assert hasattr(hooked, "_lib_ti_inline_original")  # prompt expressions
+    always_on = script["InlineExpressions"]()  # carries {'…'} through sd-dynamic-prompts
+    assert always_on.show(False) is sys.modules["modules.scripts"].AlwaysVisible
     [(blocks, title, elem_id)] = registered["ui_tabs"]()
     assert (title, elem_id) == ("Textual Inversion", "ti_tab")
 

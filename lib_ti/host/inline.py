@@ -13,6 +13,10 @@
 - ``on_infotext_pasted``: EM's ``<'EM_1'>`` placeholders become their expressions again.
 - ``on_before_token_counter``: an expression counts as its number of vectors.
 
+- with sd-dynamic-prompts, ``{'…'}`` would be read as its variant: :func:`protect_curly` and
+  :func:`restore_curly` (an always-on script's ``before_process`` and ``process``, ordered after it by
+  ``metadata.ini``) carry it through.
+
 When the Embedding Merge extension itself is enabled, these hooks step aside.
 """
 
@@ -27,7 +31,7 @@ from typing import Any
 from lib_ti.embedding import Embedding
 from lib_ti.inline import infotext
 from lib_ti.inline.plan import TEMP_PREFIX
-from lib_ti.inline.scan import might_hold
+from lib_ti.inline.scan import PromptExpressionError, find_expressions, might_hold
 
 logger = logging.getLogger(__name__)
 
@@ -220,3 +224,75 @@ def add_check_routes(app: Any, service: Callable[[], Any], temporary: Temporary)
         return {"median_ms": statistics.median(times) * 1000, "first_ms": times[0] * 1000}
 
     app.add_api_route("/ti/v1/_checks/inline_cost", inline_cost, methods=["POST"])
+
+
+# ---------------------------------------------------------------- sd-dynamic-prompts
+
+_PROMPT_FIELDS = ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt", *_PROMPT_LISTS)
+
+
+def dynamic_prompts_installed() -> bool:
+    """Whether sd-dynamic-prompts is enabled (checked once per process): it reads ``{…}`` as its variants."""
+    if "dp" not in _STATE:
+        found = False
+        try:
+            from modules import extensions
+
+            found = any(
+                (Path(e.path) / "scripts" / "dynamic_prompting.py").is_file() for e in extensions.active()
+            )
+        except (ImportError, AttributeError, OSError) as e:
+            logger.debug("could not list extensions: %s", e)
+        _STATE["dp"] = found
+    return bool(_STATE["dp"])
+
+
+def _map_prompts(p: Any, change: Callable[[str], str]) -> None:
+    for attr in _PROMPT_FIELDS:
+        value = getattr(p, attr, None)
+        if isinstance(value, str):
+            setattr(p, attr, change(value))
+        elif isinstance(value, list):
+            setattr(p, attr, [change(v) if isinstance(v, str) else v for v in value])
+
+
+def protect_curly(p: Any) -> None:
+    """Before sd-dynamic-prompts runs: ``{'…'}`` becomes ``<'…'>``, which it leaves alone (it would read
+    the braces as a variant with one choice and drop them). :func:`restore_curly` puts them back."""
+    if not (dynamic_prompts_installed() and enabled() and curly()):
+        return
+    converted: set[str] = set()
+
+    def to_angle(text: str) -> str:
+        if "{'" not in text:
+            return text
+        try:
+            found = [f for f in find_expressions(text) if f.curly]
+        except PromptExpressionError:
+            return text
+        out, last = [], 0
+        for f in found:
+            angle = "<" + text[f.start + 1 : f.end - 1] + ">"
+            converted.add(angle)
+            out += [text[last : f.start], angle]
+            last = f.end
+        return "".join([*out, text[last:]])
+
+    _map_prompts(p, to_angle)
+    p._lib_ti_curly = converted
+
+
+def restore_curly(p: Any) -> None:
+    """After sd-dynamic-prompts ran: the expressions :func:`protect_curly` turned into ``<'…'>`` get their
+    braces back (so the infotext shows them as written)."""
+    converted = getattr(p, "_lib_ti_curly", None)
+    if not converted:
+        return
+
+    def to_curly(text: str) -> str:
+        for angle in converted:
+            text = text.replace(angle, "{" + angle[1:-1] + "}")
+        return text
+
+    _map_prompts(p, to_curly)
+    p._lib_ti_curly = None
