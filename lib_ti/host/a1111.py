@@ -17,6 +17,7 @@ from lib_ti.embedding import Embedding
 from lib_ti.host import a1111_checks, webui
 from lib_ti.host.a1111_model import build_parts, frozen
 from lib_ti.hostinfo import HostServices
+from lib_ti.inline.plan import TEMP_PREFIX
 from lib_ti.io.formats import a1111_data
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def embedding_status() -> dict[str, str]:
     db = _db()
     status = dict.fromkeys(getattr(db, "skipped_embeddings", {}), "skipped")
     status.update(dict.fromkeys(getattr(db, "word_embeddings", {}), "loaded"))
-    return status
+    return {k: v for k, v in status.items() if not k.startswith(TEMP_PREFIX)}  # not a prompt's, mid-encode
 
 
 def reload_embeddings() -> None:

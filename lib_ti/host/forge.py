@@ -19,6 +19,7 @@ from lib_ti.embedding import Embedding
 from lib_ti.host import forge_checks, forge_model, webui
 from lib_ti.host.forge_model import engines
 from lib_ti.hostinfo import HostServices
+from lib_ti.inline.plan import TEMP_PREFIX
 from lib_ti.io.formats import a1111_data
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def embedding_status() -> dict[str, str]:
             status.setdefault(name, "skipped")
         for name in getattr(eng.embeddings, "word_embeddings", {}):
             status[name] = "loaded"
-    return status
+    return {k: v for k, v in status.items() if not k.startswith(TEMP_PREFIX)}  # not a prompt's, mid-encode
 
 
 def remember_api(app: Any) -> None:
