@@ -16,21 +16,13 @@ evaluation, request included). Ends with one line per checkpoint:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 import urllib.error
-import urllib.request
+
+from host_speed import call
 
 EXPRESSIONS = ("'cat'+'dog'*0.5", "'oil painting'/2 + 'watercolor'", "avg('forest', 'jungle'),'',256")
-
-
-def call(base: str, path: str, body: dict | None = None, timeout: float = 3600) -> dict:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        raw = r.read()
-        return json.loads(raw) if raw else {}
 
 
 def generate(base: str, prompt: str, size: int) -> float:

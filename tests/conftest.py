@@ -45,3 +45,21 @@ def rand(gen: torch.Generator, *shape: int) -> torch.Tensor:
 
 # open_clip and transformers >= 4.4x import torchvision; define its operators before any test does.
 define_torchvision_ops()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The CLIP BPE tokenizer that ships inside open_clip (49408 tokens)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer()
+
+
+@pytest.fixture(scope="session")
+def tables() -> dict[str, torch.Tensor]:
+    """Seeded random token-embedding tables of the real sizes (CLIP-L 49408 x 768, CLIP-G 49408 x 1280)."""
+    gen = torch.Generator().manual_seed(2024)
+    return {
+        "clip_l": torch.randn(49408, 768, generator=gen),
+        "clip_g": torch.randn(49408, 1280, generator=gen),
+    }

@@ -16,38 +16,14 @@ from lib_ti.inline.plan import COUNT_FILLER, TEMP_PREFIX, InlineEvaluator, temp_
 from lib_ti.inline.scan import PromptExpressionError, find_expressions, replace_expressions
 from lib_ti.merge import MergeContext, MergeError, evaluate
 
-from .conftest import define_torchvision_ops
+from .test_merge import make_ctx as merge_ctx
 
-VOCAB = 49408
 SDXL = ("clip_l", "clip_g")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    define_torchvision_ops()
-    from open_clip.tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer()
-
-
-@pytest.fixture(scope="module")
-def tables() -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(7)
-    return {
-        "clip_l": torch.randn(VOCAB, 768, generator=gen),
-        "clip_g": torch.randn(VOCAB, 1280, generator=gen),
-    }
-
-
 def make_ctx(tokenizer, tables, encoders=SDXL, embeddings=None) -> MergeContext:
-    def lookup(ids):
-        idx = torch.tensor(ids, dtype=torch.long)
-        return {e: tables[e][idx] for e in encoders}
-
     pads = {"clip_l": 49407, "clip_g": 0}
-    return MergeContext(
-        encoders, tokenizer.encode, lookup, embeddings or {}, pad_ids={e: pads[e] for e in encoders}
-    )
+    return merge_ctx(tokenizer, tables, embeddings or {}, encoders, pad_ids={e: pads[e] for e in encoders})
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ from lib_ti.merge import (
     vocab_norms,
 )
 
-from .conftest import ROOT, define_torchvision_ops
+from .conftest import ROOT
 
 VOCAB = 49408
 SDXL = ("clip_l", "clip_g")
@@ -55,23 +55,6 @@ class Lookup:
         self.calls += 1
         idx = torch.tensor(ids, dtype=torch.long)
         return {k: t[idx] for k, t in self.tables.items()}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    define_torchvision_ops()
-    from open_clip.tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer()
-
-
-@pytest.fixture(scope="module")
-def tables() -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(2024)
-    return {
-        "clip_l": torch.randn(VOCAB, 768, generator=gen),
-        "clip_g": torch.randn(VOCAB, 1280, generator=gen),
-    }
 
 
 @pytest.fixture(scope="module")

@@ -43,24 +43,29 @@ _STATE: dict[str, Any] = {}
 _PROMPT_LISTS = ("all_prompts", "all_negative_prompts", "all_hr_prompts", "all_hr_negative_prompts")
 
 
-def em_installed() -> bool:
-    """Whether the Embedding Merge extension is enabled (checked once per process)."""
-    if "em" not in _STATE:
+def _extension_with(key: str, relpath: str) -> bool:
+    """Whether an enabled extension has the file ``relpath`` (checked once per process, kept as ``key``)."""
+    if key not in _STATE:
         found = False
         try:
             from modules import extensions
 
-            found = any(
-                (Path(ext.path) / "scripts" / "embedding_merge.py").is_file() for ext in extensions.active()
-            )
+            found = any((Path(ext.path) / relpath).is_file() for ext in extensions.active())
         except (ImportError, AttributeError, OSError) as e:
             logger.debug("could not list extensions: %s", e)
-        _STATE["em"] = found
-        if found:
-            print(  # noqa: T201 (once, in the console, like the host's own notes)
-                "[-] Textual Inversion tab: the Embedding Merge extension is enabled; it handles <'…'> in prompts."
-            )
-    return bool(_STATE["em"])
+        _STATE[key] = found
+    return bool(_STATE[key])
+
+
+def em_installed() -> bool:
+    """Whether the Embedding Merge extension is enabled (said once in the console)."""
+    told = "em" in _STATE
+    found = _extension_with("em", "scripts/embedding_merge.py")
+    if found and not told:
+        print(  # noqa: T201 (once, in the console, like the host's own notes)
+            "[-] Textual Inversion tab: the Embedding Merge extension is enabled; it handles <'…'> in prompts."
+        )
+    return found
 
 
 def _option(key: str, default: bool) -> bool:
@@ -232,19 +237,8 @@ _PROMPT_FIELDS = ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"
 
 
 def dynamic_prompts_installed() -> bool:
-    """Whether sd-dynamic-prompts is enabled (checked once per process): it reads ``{…}`` as its variants."""
-    if "dp" not in _STATE:
-        found = False
-        try:
-            from modules import extensions
-
-            found = any(
-                (Path(e.path) / "scripts" / "dynamic_prompting.py").is_file() for e in extensions.active()
-            )
-        except (ImportError, AttributeError, OSError) as e:
-            logger.debug("could not list extensions: %s", e)
-        _STATE["dp"] = found
-    return bool(_STATE["dp"])
+    """Whether sd-dynamic-prompts is enabled: it reads ``{…}`` as its variants."""
+    return _extension_with("dp", "scripts/dynamic_prompting.py")
 
 
 def _map_prompts(p: Any, change: Callable[[str], str]) -> None:

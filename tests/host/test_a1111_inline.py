@@ -1,30 +1,13 @@
-"""Embedding math in prompts inside a real AUTOMATIC1111 v1.10 (skipped unless SD_WEBUI_DIR is set).
-
-The tests are tests/host/inline_flow.py's, shared with Forge and Forge Neo; the model switch is here.
-"""
+"""Embedding math in prompts inside a real AUTOMATIC1111 v1.10: a model switch SD1 -> SDXL -> SD1
+(skipped unless SD_WEBUI_DIR is set). The checks every host runs are in test_inline_hosts.py."""
 
 from __future__ import annotations
 
 import pytest
 
 from . import inline_flow as flow
-from .inline_flow import (  # noqa: F401 (the shared tests)
-    first,
-    test_bad_expression_generates_nothing,
-    test_batch_of_two_expressions,
-    test_em_infotext_pastes,
-    test_hires_prompt,
-    test_paste_round_trip,
-    test_same_image_inline_and_saved,
-    test_token_counter,
-)
 
 pytestmark = pytest.mark.host
-
-
-@pytest.fixture(scope="module")
-def host(a1111):
-    return a1111
 
 
 def test_model_switch_sd1_sdxl_sd1(a1111):
