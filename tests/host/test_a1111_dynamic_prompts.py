@@ -31,13 +31,15 @@ DP_SETTINGS = {
 @pytest.fixture(scope="module")
 def host(host_paths, tmp_path_factory):
     """Its own A1111 (port SD_WEBUI_PORT + 1) with a settings file that holds sd-dynamic-prompts' defaults."""
-    webui, python, embeddings = host_paths
+    webui, python, _ = host_paths
     if not (webui / "extensions" / "sd-dynamic-prompts" / "scripts" / "dynamic_prompting.py").is_file():
         pytest.skip("sd-dynamic-prompts is not in the host's extensions/ (tests/host/README.md)")
     tmp = tmp_path_factory.mktemp("dp")
     (tmp / "config.json").write_text(json.dumps(DP_SETTINGS))
     port = int(os.environ.get("SD_WEBUI_PORT", "7861")) + 1
     extra = ["--ui-settings-file", str(tmp / "config.json")]
+    embeddings = tmp / "embeddings"  # its own: the session host's folder holds what other tests expect
+    embeddings.mkdir()
     with running_host(webui, python, embeddings, tmp / "webui.log", port, extra) as (h, _proc):
         h.post("/sdapi/v1/reload-checkpoint", {})
         yield h
