@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from . import inline_flow as flow
@@ -27,3 +29,17 @@ def test_model_switch_sd1_sdxl_sd1(a1111):
         a1111.post("/sdapi/v1/options", {"sd_model_checkpoint": "tiny-sd1"})
     assert flow.pixels(flow.txt2img(a1111, prompt)) == on_sd1  # no stale conditioning from SDXL
     flow.no_temporary_names(a1111)
+
+
+def test_xyz_prompt_search_and_replace(a1111):
+    """X/Y/Z plot's Prompt S/R makes a prompt per cell: each cell's expression is evaluated."""
+    salt = flow.unique()
+    cat, dog = flow.saved(a1111, "'cat'*2", "sr"), flow.saved(a1111, "'dog'*2", "sr")
+    # Prompt S/R is the 8th axis type on txt2img; include the single images after the grid
+    xyz = [7, "cat,dog", [], 0, "", [], 0, "", [], True, True, False, False, False, False, False, 0, False]
+    res = flow.txt2img(a1111, f"a <'cat'*2> {salt}", script_name="x/y/z plot", script_args=xyz)
+    cells = [flow.pixels(res, i) for i in range(len(res["images"]))]
+    assert flow.pixels(flow.txt2img(a1111, f"a {cat} {salt}")) in cells
+    assert flow.pixels(flow.txt2img(a1111, f"a {dog} {salt}")) in cells
+    infos = json.loads(res["info"])["infotexts"]
+    assert any("EmbeddingMerge: <'EM_1'>=<'dog'*2>" in t for t in infos), infos
