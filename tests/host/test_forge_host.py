@@ -18,6 +18,7 @@ from PIL import Image
 
 from lib_ti.io.formats import read_embedding
 
+from .inline_flow import check_same_image
 from .test_a1111_training import PROMPTS, wait_job
 
 pytestmark = pytest.mark.host
@@ -156,6 +157,13 @@ def test_sdxl_create_use_parity_and_train(forge, dataset):
     for key in ("clip_l", "clip_g"):
         assert not emb.vectors[key].equal(start.vectors[key])
     assert pixels(txt2img(forge, prompt, seed=5)) == before
+
+
+def test_sdxl_embedding_math_in_prompts(forge):
+    """On SDXL (both encoders, Forge's two engines): an inline expression gives the saved one's image."""
+    switch(forge, "rand-sdxl")
+    res = check_same_image(forge, "xl")
+    assert "TI:" not in json.loads(res["info"])["infotexts"][0]
 
 
 def test_checkpoint_switch_stops_training_cleanly(forge, dataset):
