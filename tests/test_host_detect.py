@@ -40,26 +40,31 @@ def _fake_callbacks(monkeypatch, take_name: bool) -> None:
 
 
 @pytest.mark.parametrize(
-    ("present", "take_name", "expected"),
+    ("present", "take_name", "version", "expected"),
     [
-        (set(), True, "a1111"),
-        ({"modules_forge", "backend.text_processing"}, True, "forge"),
-        ({"modules_forge", "backend.text_processing"}, False, "forge"),  # Forge Neo keeps the Forge2 backend
-        ({"modules_forge"}, True, "reforge"),
-        ({"modules_forge"}, False, "classic"),
+        (set(), True, "", "a1111"),
+        ({"modules_forge", "backend.text_processing"}, True, "2.0.1v1.10.1", "forge"),
+        ({"modules_forge", "backend.text_processing"}, False, "neo", "neo"),  # Neo keeps the Forge2 backend
+        ({"modules_forge"}, True, "", "reforge"),
+        ({"modules_forge"}, False, "classic", "classic"),
     ],
 )
-def test_host_name(monkeypatch, present, take_name, expected):
+def test_host_name(monkeypatch, present, take_name, version, expected):
     from lib_ti.host.adapter import HostAdapter
 
     monkeypatch.setattr(detect, "_exists", lambda name: name in present)
+    version_module = types.ModuleType("modules_forge.forge_version")
+    version_module.version = version
+    monkeypatch.setitem(sys.modules, "modules_forge", types.ModuleType("modules_forge"))
+    monkeypatch.setitem(sys.modules, "modules_forge.forge_version", version_module)
     _fake_callbacks(monkeypatch, take_name)
     assert detect.host_name() == expected
-    assert detect.is_a1111_style(expected) == (expected != "forge")
+    forge_backend = expected in ("forge", "neo")
+    assert detect.is_a1111_style(expected) == (not forge_backend)
     adapter = detect.detect_adapter()
     assert isinstance(adapter, HostAdapter) and adapter.name == expected
     # Forge builds new engines (which read the folder) at every model load: no hook there
-    assert (adapter.model_loaded_hook() is None) == (expected == "forge")
+    assert (adapter.model_loaded_hook() is None) == forge_backend
 
 
 def test_every_adapter_provides_the_interface():

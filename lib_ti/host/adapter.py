@@ -21,7 +21,7 @@ class HostAdapter(Protocol):
 
     @property
     def name(self) -> str:
-        """The host's name as detected: "a1111", "forge", "reforge", "classic"."""
+        """The host's name as detected: "a1111", "forge", "neo", "reforge", "classic"."""
         ...
 
     def host_services(self) -> HostServices:

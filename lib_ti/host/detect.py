@@ -1,7 +1,9 @@
 """Which host is running, and its adapter, decided in one place.
 
-- ``forge``: lllyasviel's Forge (Forge2 backend; also Forge Neo): ``backend.text_processing`` exists;
-  the Forge adapter is used (per-engine embedding databases, inference-mode weights).
+- ``forge``: lllyasviel's Forge (Forge2 backend): ``backend.text_processing`` exists; the Forge adapter
+  is used (per-engine embedding databases, inference-mode weights).
+- ``neo``: Haoming02's Forge Neo, the same backend; its ``modules_forge/forge_version.py`` says
+  ``version = "neo"``. The Forge adapter, under Neo's name.
 - ``reforge`` (Panchovix) and ``classic`` (Haoming02's Forge Classic): ``modules_forge`` without that
   backend. They keep A1111's ``sd_hijack.model_hijack.embedding_db``, so the A1111 adapter is used;
   their text encoders are ldm_patched modules (see :mod:`lib_ti.host.a1111_model`). Classic's
@@ -20,11 +22,11 @@ from typing import Literal
 
 from lib_ti.host.a1111 import A1111Adapter, ClassicAdapter, ReForgeAdapter
 from lib_ti.host.adapter import HostAdapter
-from lib_ti.host.forge import ForgeAdapter
+from lib_ti.host.forge import ForgeAdapter, NeoAdapter
 
 logger = logging.getLogger(__name__)
 
-HostName = Literal["a1111", "forge", "reforge", "classic"]
+HostName = Literal["a1111", "forge", "neo", "reforge", "classic"]
 
 
 def _exists(module: str) -> bool:
@@ -42,10 +44,19 @@ def _callbacks_take_name() -> bool:
     return "name" in inspect.signature(script_callbacks.on_ui_tabs).parameters
 
 
+def _forge_version() -> str:
+    """``modules_forge.forge_version.version`` ("neo" on Forge Neo, "classic" on Forge Classic), or ""."""
+    try:
+        from modules_forge import forge_version
+    except ImportError:
+        return ""
+    return str(getattr(forge_version, "version", ""))
+
+
 def host_name() -> HostName:
     if _exists("modules_forge"):
         if _exists("backend.text_processing"):
-            return "forge"
+            return "neo" if _forge_version() == "neo" else "forge"
         return "reforge" if _callbacks_take_name() else "classic"
     return "a1111"
 
@@ -54,6 +65,7 @@ def host_name() -> HostName:
 ADAPTERS: dict[str, type[HostAdapter]] = {
     "a1111": A1111Adapter,
     "forge": ForgeAdapter,
+    "neo": NeoAdapter,
     "reforge": ReForgeAdapter,
     "classic": ClassicAdapter,
 }

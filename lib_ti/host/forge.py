@@ -208,3 +208,9 @@ class ForgeAdapter(webui.WebUIAdapter):
         forge_checks.add_check_routes(app, service, ensure_model)
 
     # no model_loaded_hook: Forge builds new engines (which read the folder) at every model load
+
+
+class NeoAdapter(ForgeAdapter):
+    """Haoming02's Forge Neo: Forge's backend and databases (``models/embeddings`` by default)."""
+
+    name: ClassVar[str] = "neo"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+from lib_ti import __version__
+
 from .inline_flow import (
     check_bad_expression,
     check_batch,
@@ -60,3 +62,11 @@ def test_bad_expression_generates_nothing(host):
 
 def test_token_counter(host):
     check_token_counter(host)
+
+
+def test_detected_as_its_host(host, request):
+    """Each host gets its own adapter name in the start-up line (Forge Neo: "neo", from forge_version.py)."""
+    name = request.node.callspec.params["host"]
+    assert f"Textual Inversion tab (lib_ti {__version__}) loaded on {name}." in host.log.read_text(
+        errors="replace"
+    )
