@@ -94,6 +94,25 @@ def check_hires(host, tag: str) -> None:
     assert "EmbeddingMerge: <'EM_1'>=<'sky'*1.5>" in text, text
 
 
+def check_img2img(host, tag: str) -> None:
+    """img2img: the same image from the same init image, inline and saved."""
+    salt = unique()
+    name = saved(host, "'forest'*0.5+'river'", tag)
+    buf = io.BytesIO()
+    Image.new("RGB", (SIZE, SIZE), (90, 140, 60)).save(buf, format="PNG")
+    init = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    def img2img(prompt: str) -> dict:
+        body = {"prompt": prompt, "init_images": [init], "denoising_strength": 0.6, "steps": 2, "width": SIZE,
+                "height": SIZE, "seed": 5, "sampler_name": "Euler", "cfg_scale": 7}  # fmt: skip
+        return host.post("/sdapi/v1/img2img", body, timeout=900)
+
+    img2img(f"warm up {salt}")  # A1111's first img2img after start differs from the next (any prompt)
+    inline = img2img(f"a <'forest'*0.5+'river'> {salt}")
+    assert pixels(inline) == pixels(img2img(f"a {name} {salt}"))
+    assert "EmbeddingMerge: <'EM_1'>=<'forest'*0.5+'river'>" in info(inline)
+
+
 def check_batch(host, tag: str) -> None:
     """Two images in one batch, each with its own expression; each infotext lists only its own."""
     salt = unique()

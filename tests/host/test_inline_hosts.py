@@ -16,6 +16,7 @@ from .inline_flow import (
     check_batch,
     check_em_infotext,
     check_hires,
+    check_img2img,
     check_paste_round_trip,
     check_same_image,
     check_token_counter,
@@ -42,6 +43,10 @@ def test_same_image_inline_and_saved(first):
 
 def test_hires_prompt(host):
     check_hires(host, "h")
+
+
+def test_img2img(host):
+    check_img2img(host, "i")
 
 
 def test_batch_of_two_expressions(host):
