@@ -188,3 +188,20 @@ def test_classic_refuses_image_embeddings_in_inspect(tmp_path):
     _, _, msg = InspectHandlers(info).save_as("one.safetensors", None, "as_png", "png", "same kind", False)
     assert "cannot load embeddings stored in images" in msg
     assert not (tmp_path / "as_png.png").exists()
+
+
+def test_reforge_vae_encode_gives_the_latent_itself():
+    """reForge's ``encode_first_stage`` returns the latent tensor, not a distribution: a mean, no std."""
+    from types import SimpleNamespace
+
+    from lib_ti.host.a1111_model import _encode_image
+
+    vae = nn.Conv2d(3, 4, 8, stride=8)
+    m = SimpleNamespace(
+        is_sdxl=False, is_sd2=False, cond_stage_model=None, scale_factor=0.18215, first_stage_model=vae,
+        encode_first_stage=lambda x: vae(x),
+    )  # fmt: skip
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    got = _encode_image(m)(pixels)
+    assert got.std is None
+    torch.testing.assert_close(got.mean, vae(pixels).detach() * 0.18215)

@@ -175,6 +175,8 @@ def _encode_image(m: Any) -> Any:
             std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
         else:
             dist = m.encode_first_stage(x)
+            if isinstance(dist, torch.Tensor):  # reForge: the latent itself, no distribution
+                return LatentDist((dist * scale).float().cpu(), None)
             mean, std = dist.mean, dist.std
         return LatentDist((mean * scale).float().cpu(), (std * scale).float().cpu())
 
