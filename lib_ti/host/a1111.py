@@ -17,7 +17,6 @@ from lib_ti.embedding import Embedding
 from lib_ti.host import a1111_checks, webui
 from lib_ti.host.a1111_model import build_parts, frozen
 from lib_ti.hostinfo import HostServices
-from lib_ti.inline.plan import TEMP_PREFIX
 from lib_ti.io.formats import a1111_data
 
 logger = logging.getLogger(__name__)
@@ -39,7 +38,7 @@ def embedding_status() -> dict[str, str]:
     db = _db()
     status = dict.fromkeys(getattr(db, "skipped_embeddings", {}), "skipped")
     status.update(dict.fromkeys(getattr(db, "word_embeddings", {}), "loaded"))
-    return {k: v for k, v in status.items() if not k.startswith(TEMP_PREFIX)}  # not a prompt's, mid-encode
+    return webui.without_temporary(status)
 
 
 def reload_embeddings() -> None:
@@ -105,13 +104,8 @@ def _release_vae() -> Callable[[], None]:
 
 def _preview(emb: Embedding, prompt: str, step: int, out_dir: Path) -> str | None:
     """A txt2img image through the host's own pipeline, with the current vectors registered in memory."""
-    from modules.textual_inversion import textual_inversion as ti
-
     db = _db()
-    live = ti.create_embedding_from_data(
-        a1111_data(emb, with_metadata=False), emb.name, filename=f"{emb.name}.preview"
-    )
-    db.register_embedding(live, _model())
+    db.register_embedding(_live(emb, emb.name), _model())
     try:
         image = webui.txt2img(prompt, webui.preview_size(emb.kind))
     finally:
@@ -119,17 +113,21 @@ def _preview(emb: Embedding, prompt: str, step: int, out_dir: Path) -> str | Non
     return webui.save_preview(emb, image, step, out_dir) if image is not None else None
 
 
+def _live(emb: Embedding, name: str) -> Any:
+    """The host's Embedding object for one held in memory (a training preview, a prompt's expression)."""
+    from modules.textual_inversion import textual_inversion as ti
+
+    return ti.create_embedding_from_data(a1111_data(emb, with_metadata=False), name, filename=name)
+
+
 @contextlib.contextmanager
 def temporary_embeddings(embeddings: Mapping[str, Embedding]) -> Iterator[None]:
     """Embeddings known to the database by name inside the ``with`` only (prompt expressions)."""
-    from modules.textual_inversion import textual_inversion as ti
-
     db, model = _db(), _model()
     added: list[str] = []
     try:
         for name, emb in embeddings.items():
-            live = ti.create_embedding_from_data(a1111_data(emb, with_metadata=False), name, filename=name)
-            db.register_embedding_by_name(live, model, name)
+            db.register_embedding_by_name(_live(emb, name), model, name)
             added.append(name)
         yield
     finally:
@@ -176,13 +174,8 @@ class A1111Adapter(webui.WebUIAdapter):
     def model_loaded_hook(self) -> Callable[[Any], None] | None:
         return on_model_loaded
 
-    def temporary_embeddings(
-        self, embeddings: Mapping[str, Embedding]
-    ) -> contextlib.AbstractContextManager[None]:
-        return temporary_embeddings(embeddings)
-
-    def model_loaded(self) -> bool:
-        return model_loaded()
+    temporary_embeddings = staticmethod(temporary_embeddings)
+    model_loaded = staticmethod(model_loaded)
 
 
 class ReForgeAdapter(A1111Adapter):

@@ -19,7 +19,6 @@ from lib_ti.embedding import Embedding
 from lib_ti.host import forge_checks, forge_model, webui
 from lib_ti.host.forge_model import engines
 from lib_ti.hostinfo import HostServices
-from lib_ti.inline.plan import TEMP_PREFIX
 from lib_ti.io.formats import a1111_data
 
 logger = logging.getLogger(__name__)
@@ -79,7 +78,7 @@ def embedding_status() -> dict[str, str]:
             status.setdefault(name, "skipped")
         for name in getattr(eng.embeddings, "word_embeddings", {}):
             status[name] = "loaded"
-    return {k: v for k, v in status.items() if not k.startswith(TEMP_PREFIX)}  # not a prompt's, mid-encode
+    return webui.without_temporary(status)
 
 
 def remember_api(app: Any) -> None:
@@ -107,35 +106,37 @@ def reload_embeddings() -> None:
         api.embedding_db.load_textual_inversion_embeddings(force_reload=True, sync_with_sd_model=False)
 
 
-def register_live(emb_data: dict[str, Any], name: str) -> None:
-    """Register an embedding held in memory (a preview during training) in the loaded model's engines."""
+def register_live(emb: Embedding, name: str) -> list[Any]:
+    """Register an embedding held in memory in the loaded model's engines (a training preview, a
+    prompt's expression); returns the engines that took it (those whose width it fits)."""
     from backend.text_processing.textual_inversion import create_embedding_from_data
 
     m = loaded_model()
+    data = a1111_data(emb, with_metadata=False)
+    took = []
     for eng in engines(m) if m is not None else []:
-        live = create_embedding_from_data(emb_data, name, filename=f"{name}.preview")
+        live = create_embedding_from_data(data, name, filename=name)
         if eng.embeddings.expected_shape in (-1, live.shape):
-            eng.embeddings.register_embedding(live)
+            eng.embeddings.register_embedding_by_name(live, name)
+            took.append(eng)
+    return took
 
 
 @contextlib.contextmanager
 def temporary_embeddings(embeddings: Mapping[str, Embedding]) -> Iterator[None]:
     """Embeddings known to the loaded model's engines by name inside the ``with`` only (prompt expressions)."""
-    from backend.text_processing.textual_inversion import create_embedding_from_data
-
-    m = loaded_model()
     added: list[tuple[Any, str]] = []
     try:
-        for eng in engines(m) if m is not None else []:
-            for name, emb in embeddings.items():
-                live = create_embedding_from_data(a1111_data(emb, with_metadata=False), name, filename=name)
-                if eng.embeddings.expected_shape in (-1, live.shape):
-                    eng.embeddings.register_embedding_by_name(live, name)
-                    added.append((eng, name))
+        for name, emb in embeddings.items():
+            added += [(eng, name) for eng in register_live(emb, name)]
         yield
     finally:
         for eng, name in added:
             eng.embeddings.register_embedding_by_name(None, name)
+
+
+def model_loaded() -> bool:
+    return loaded_model() is not None
 
 
 def _still_loaded(m: Any) -> Callable[[], bool]:
@@ -166,7 +167,7 @@ def _freeze() -> Callable[[], None]:
 
 
 def _preview(emb: Embedding, prompt: str, step: int, out_dir: Path) -> str | None:
-    register_live(a1111_data(emb, with_metadata=False), emb.name)
+    register_live(emb, emb.name)
     try:
         image = webui.txt2img(prompt, webui.preview_size(emb.kind))
     finally:
@@ -196,13 +197,8 @@ class ForgeAdapter(webui.WebUIAdapter):
     def on_app_started(self, app: Any) -> None:
         remember_api(app)
 
-    def temporary_embeddings(
-        self, embeddings: Mapping[str, Embedding]
-    ) -> contextlib.AbstractContextManager[None]:
-        return temporary_embeddings(embeddings)
-
-    def model_loaded(self) -> bool:
-        return loaded_model() is not None
+    temporary_embeddings = staticmethod(temporary_embeddings)
+    model_loaded = staticmethod(model_loaded)
 
     def add_check_routes(self, app: Any, service: Any) -> None:
         forge_checks.add_check_routes(app, service, ensure_model)

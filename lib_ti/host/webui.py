@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from lib_ti.hostinfo import HostInfo, HostServices
+from lib_ti.inline.plan import TEMP_PREFIX
 from lib_ti.io.formats import to_png
 from lib_ti.settings import SECTION
 
@@ -37,6 +38,11 @@ def log_dir() -> str:
 
     configured = getattr(shared.cmd_opts, "ti_log_dir", None) or getattr(shared.opts, "ti_log_dir", "")
     return str(configured or Path(shared.data_path) / "textual_inversion_ti")
+
+
+def without_temporary(status: dict[str, str]) -> dict[str, str]:
+    """A database's ``{name: status}`` without the names prompt expressions hold during an encode."""
+    return {k: v for k, v in status.items() if not k.startswith(TEMP_PREFIX)}
 
 
 def save_format() -> str:

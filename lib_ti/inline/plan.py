@@ -83,8 +83,11 @@ class InlineEvaluator:
             raise MergeError(msg, e.column, expr) from None
 
     def check(self, ctx: MergeContext, prompts: Sequence[str], *, curly: bool = True) -> None:
-        """Raise for the first prompt expression that cannot be evaluated."""
-        self.plan(ctx, prompts, curly=curly)
+        """Raise for the first prompt expression that cannot be evaluated (results stay cached)."""
+        for prompt in prompts:
+            if prompt and might_hold(prompt, curly=curly):
+                for f in find_expressions(prompt, curly=curly):
+                    self._located(ctx, f.expr, f.bracketed)
 
     def plan(self, ctx: MergeContext, prompts: Sequence[str], *, curly: bool = True) -> Plan:
         """``prompts`` with each expression replaced by a temporary embedding's name."""

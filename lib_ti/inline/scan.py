@@ -66,9 +66,8 @@ def find_expressions(prompt: str, *, curly: bool = True) -> list[Found]:
         if end < 0:
             msg = f"no closing {'}' if c == '{' else '>'!r} after {c}' in the prompt"
             raise PromptExpressionError(msg, i + 1, prompt)
-        j = end - 1
-        found.append(Found(i, j + 1, prompt[i + 1 : j].strip(), c == "{"))
-        i = j + 1
+        found.append(Found(i, end, prompt[i + 1 : end - 1].strip(), c == "{"))
+        i = end
     return found
 
 
