@@ -409,7 +409,12 @@ class Service:
             if self.host.preview is None:
                 return
             prompt = req.preview_prompt or f"a photo of {emb.name}"
-            out = self.host.preview(emb, prompt, step, log_dir / "previews")
+            try:
+                out = self.host.preview(emb, prompt, step, log_dir / "previews")
+            except Exception as e:  # the host's sampler: a preview is not worth the run
+                logger.exception("preview at step %d failed; training goes on", step)
+                st.warnings.append(f"preview at step {step} failed: {type(e).__name__}: {e}")
+                return
             if out:
                 st.previews.append(out)
                 self._card_preview(emb.name, Path(out))

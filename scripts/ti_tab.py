@@ -70,4 +70,4 @@ class InlineExpressions(scripts.Script):
         inline.restore_curly(p)
 
 
-print(f"[-] Textual Inversion tab (lib_ti {__version__}) loaded on {ADAPTER.name}.")  # noqa: T201
+print(f"[-] Textual Inversion tab (lib_ti {__version__}) loaded on {ADAPTER.label} ({ADAPTER.name}).")  # noqa: T201

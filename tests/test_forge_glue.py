@@ -1,77 +1,13 @@
-"""The Forge adapter's host-independent pieces, on real torch modules (the rest runs in tests/host).
-
-Forge builds its weights under ``torch.inference_mode``; these tests build real inference tensors
-the same way and check that training can backpropagate after :func:`normal_weights` and that
-generation-time values are untouched.
-"""
+"""The Forge adapter's host-independent pieces (the rest runs in tests/host; its gradient remedies
+are in tests/test_grad_safe.py)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import pytest
-import torch
-from torch import nn
 
-from lib_ti.host.forge_model import engine_settings, normal_weights
-
-
-def _inference_model() -> nn.Module:
-    torch.manual_seed(0)
-    with torch.inference_mode():
-        model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
-        model.register_buffer("scale", torch.ones(4))
-        model[0].weight.copy_(torch.randn(16, 8))
-    return model
-
-
-def test_inference_weights_block_backward_until_replaced():
-    model = _inference_model()
-    assert all(p.is_inference() for p in model.parameters())
-    x = torch.randn(2, 8, requires_grad=True)
-    with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
-        model(x).sum().backward()
-    with torch.inference_mode():
-        reference = model(x.detach()).clone()
-    count, restore = normal_weights([model])
-    assert count == 7  # 6 parameters and 1 buffer
-    assert not any(t.is_inference() for t in [*model.parameters(), *model.buffers()])
-    assert not any(p.requires_grad for p in model.parameters())
-    out = model(x)
-    out.sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
-    assert all(p.grad is None for p in model.parameters())  # only the input got a gradient
-    assert torch.equal(out.detach(), reference)  # same values: generation is unchanged
-    restore()
-    assert all(p.requires_grad for p in model.parameters())
-
-
-def test_shared_tensors_stay_shared():
-    with torch.inference_mode():
-        table = nn.Embedding(10, 4)
-    wrapper = nn.Module()
-    wrapper.wrapped = table
-    wrapper.weight = table.weight  # Forge's CLIPEmbeddingForTextualInversion aliases the table like this
-    count, _ = normal_weights([wrapper])
-    assert count == 1
-    assert wrapper.weight is table.weight and not table.weight.is_inference()
-
-
-def test_restore_survives_weights_turned_back_into_inference_tensors():
-    model = _inference_model()
-    _, restore = normal_weights([model])
-    with torch.inference_mode():  # what Forge's encode does to the CLIP tables between steps
-        model[1].weight.data = model[1].weight.data.to(torch.float64).float()
-    restore()  # does not raise
-
-
-def test_normal_model_is_left_alone():
-    model = nn.Linear(3, 3)
-    before = model.weight
-    count, restore = normal_weights([model])
-    assert count == 0 and model.weight is before
-    restore()
-    assert model.weight.requires_grad
+from lib_ti.host.forge_model import engine_settings
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,6 @@ import pytest
 import torch
 from torch import nn
 
-from lib_ti.errors import TIError
 from lib_ti.host import detect
 
 from .models import hf_tokenizer
@@ -74,6 +73,7 @@ def test_every_adapter_provides_the_interface():
     for name, cls in detect.ADAPTERS.items():
         adapter = cls()
         assert isinstance(adapter, HostAdapter) and adapter.name == name
+        assert adapter.label and (name != "neo" or adapter.label == "Forge Neo")
         services = adapter.host_services()
         assert isinstance(services, HostServices)
         info = adapter.host_info(None, 4)
@@ -87,28 +87,17 @@ def test_exists_survives_missing_parents():
     assert not detect._exists("no_such_package_xyz.sub")
 
 
-def test_training_is_refused_on_reforge_and_classic_before_anything_starts(tmp_path):
-    from lib_ti.hostinfo import HostServices
-    from lib_ti.service import Service
-    from lib_ti.training.options import TrainRequest
+def test_every_host_can_train():
+    """reForge and Forge Classic train through the ldm_patched backend's parts (tests/host proves the runs)."""
+    from lib_ti.host import forks, ldm_patched_model
 
-    assert detect.ADAPTERS["a1111"]().host_services().training_blocked() is None
-    assert detect.ADAPTERS["forge"]().host_services().training_blocked() is None
-    for host, label in (("reforge", "reForge"), ("classic", "Forge Classic")):
-        msg = detect.ADAPTERS[host]().host_services().training_blocked()
-        assert msg and label in msg and "train on AUTOMATIC1111 or Forge" in msg
-        service = Service(
-            HostServices(
-                embeddings_dir=lambda: str(tmp_path),
-                log_dir=lambda: str(tmp_path),
-                build_parts=lambda: pytest.fail("must not touch the model"),
-                reload_embeddings=lambda: None,
-                training_blocked=lambda m=msg: m,
-            )
-        )
-        with pytest.raises(TIError, match=label):
-            service.start_training(TrainRequest("x", str(tmp_path), steps=1))
-        assert service.jobs.current is None
+    for name, cls in detect.ADAPTERS.items():
+        services = cls().host_services()
+        assert services.training_blocked() is None, name
+    for name in ("reforge", "classic"):
+        assert issubclass(detect.ADAPTERS[name], forks.LdmPatchedAdapter)
+        assert detect.ADAPTERS[name]().host_services().build_parts is forks._parts
+    assert forks._parts.__module__ == "lib_ti.host.forks" and ldm_patched_model.build_parts
 
 
 class _Holder(nn.Module):
@@ -190,18 +179,34 @@ def test_classic_refuses_image_embeddings_in_inspect(tmp_path):
     assert not (tmp_path / "as_png.png").exists()
 
 
-def test_reforge_vae_encode_gives_the_latent_itself():
-    """reForge's ``encode_first_stage`` returns the latent tensor, not a distribution: a mean, no std."""
-    from types import SimpleNamespace
+def test_ldm_patched_vae_encode_scales_once(monkeypatch):
+    """reForge / Classic: the posterior mean and std from the backend's VAE encoder, scaled once by the
+    model's latent format (the host's own encode_first_stage samples and scales in one step)."""
+    from types import ModuleType, SimpleNamespace
 
-    from lib_ti.host.a1111_model import _encode_image
+    from lib_ti.host import ldm_patched_model
 
-    vae = nn.Conv2d(3, 4, 8, stride=8)
-    m = SimpleNamespace(
-        is_sdxl=False, is_sd2=False, cond_stage_model=None, scale_factor=0.18215, first_stage_model=vae,
-        encode_first_stage=lambda x: vae(x),
-    )  # fmt: skip
+    mm = ModuleType("ldm_patched.modules.model_management")
+    loaded: list = []
+    mm.load_models_gpu = loaded.append  # type: ignore[attr-defined]
+    for mod, name in ((ModuleType("ldm_patched"), "ldm_patched"), (ModuleType("ldm_patched.modules"), "ldm_patched.modules"),
+                      (mm, "ldm_patched.modules.model_management")):  # fmt: skip
+        monkeypatch.setitem(sys.modules, name, mod)
+    sys.modules["ldm_patched"].modules = sys.modules["ldm_patched.modules"]  # type: ignore[attr-defined]
+    sys.modules["ldm_patched.modules"].model_management = mm  # type: ignore[attr-defined]
+    torch.manual_seed(0)
+    fsm = nn.Module()
+    fsm.encoder = nn.Conv2d(3, 8, 8, stride=8)
+    fsm.quant_conv = nn.Conv2d(8, 8, 1)
+    vae = SimpleNamespace(
+        first_stage_model=fsm, device=torch.device("cpu"), vae_dtype=torch.float32, patcher="vae"
+    )
+    fmt = SimpleNamespace(scale_factor=0.18215, process_in=lambda z: z * 0.18215)
+    unet = SimpleNamespace(model=SimpleNamespace(model_config=SimpleNamespace(latent_format=fmt)))
+    m = SimpleNamespace(forge_objects=SimpleNamespace(vae=vae, unet=unet))
     pixels = torch.rand(1, 3, 64, 64) * 2 - 1
-    got = _encode_image(m)(pixels)
-    assert got.std is None
-    torch.testing.assert_close(got.mean, vae(pixels).detach() * 0.18215)
+    got = ldm_patched_model._encode_image(m)(pixels)
+    mean, logvar = fsm.quant_conv(fsm.encoder(pixels)).detach().chunk(2, dim=1)
+    torch.testing.assert_close(got.mean, mean * 0.18215)
+    torch.testing.assert_close(got.std, torch.exp(0.5 * logvar) * 0.18215)
+    assert loaded == [["vae"]]  # loaded through the backend's memory manager first

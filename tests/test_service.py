@@ -96,6 +96,26 @@ def test_train_job_runs_saves_and_logs(env):
     assert st.val_losses
 
 
+def test_a_failing_preview_does_not_end_the_run(env):
+    """The host's sampler failing on a preview (reForge without a script runner did) costs the preview only."""
+    service, emb_dir, _, data_dir, *_ = env
+    calls = []
+
+    def preview(emb, prompt, step, out_dir):
+        calls.append(step)
+        raise AttributeError("'NoneType' object has no attribute 'alwayson_scripts'")
+
+    service.host.preview = preview
+    service.create(CreateArgs("pv", 1, "text", "a painting"))
+    req = {"embedding": "pv", "dataset_dir": str(data_dir), "steps": 4, "resolution": 64, "batch_size": 1,
+           "preview_every": 2, "validation_every": 0}  # fmt: skip
+    st = service.start_training(req, background=False).status
+    assert st.state == "finished" and st.step == 4, st.message
+    assert calls == [2, 4] and st.previews == []
+    assert len(st.warnings) == 2 and "preview at step 2 failed: AttributeError" in st.warnings[0]
+    assert read_embedding(emb_dir / "pv.safetensors").step == 4
+
+
 def test_second_training_is_refused_while_one_runs(env):
     service, _, _, data_dir, _, lock = env
     service.create(CreateArgs("busy", 1, "text", "a painting"))

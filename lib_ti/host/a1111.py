@@ -1,8 +1,7 @@
-"""The adapter for AUTOMATIC1111 v1.10 and its A1111-style forks (reForge, Forge Classic).
+"""The adapter for AUTOMATIC1111 v1.10, the base of its A1111-style forks' (:mod:`lib_ti.host.forks`).
 
 They keep one embedding database (``sd_hijack.model_hijack.embedding_db``); the GPU lock, progress and
-settings are :mod:`lib_ti.host.webui`'s. reForge and Forge Classic read and write embeddings here but
-refuse training (not verified there).
+settings are :mod:`lib_ti.host.webui`'s.
 """
 
 from __future__ import annotations
@@ -22,20 +21,20 @@ from lib_ti.io.formats import a1111_data
 logger = logging.getLogger(__name__)
 
 
-def _db() -> Any:
+def database() -> Any:
     from modules import sd_hijack
 
     return sd_hijack.model_hijack.embedding_db
 
 
-def _model() -> Any:
+def loaded_model() -> Any:
     from modules import shared
 
     return shared.sd_model
 
 
 def embedding_status() -> dict[str, str]:
-    db = _db()
+    db = database()
     status = dict.fromkeys(getattr(db, "skipped_embeddings", {}), "skipped")
     status.update(dict.fromkeys(getattr(db, "word_embeddings", {}), "loaded"))
     return webui.without_temporary(status)
@@ -52,7 +51,7 @@ def reload_embeddings() -> None:
     if sd_models.model_data.sd_model is None:
         logger.info("no model loaded yet; embeddings will be read when it loads")
         return
-    _db().load_textual_inversion_embeddings(force_reload=True)
+    database().load_textual_inversion_embeddings(force_reload=True)
 
 
 def on_model_loaded(sd_model: Any) -> None:
@@ -61,7 +60,7 @@ def on_model_loaded(sd_model: Any) -> None:
     The host forces a reload on a full load but not when it swaps in a cached model
     (``sd_checkpoints_limit`` > 1), leaving e.g. SDXL embeddings skipped (A1111 issue #13117).
     """
-    db = _db()
+    db = database()
     try:
         expected = db.get_expected_shape()
     except Exception as e:  # the host's own helper; never break a model load
@@ -73,11 +72,11 @@ def on_model_loaded(sd_model: Any) -> None:
 
 
 def _parts() -> Any:
-    return build_parts(_model())
+    return build_parts(loaded_model())
 
 
 def _freeze() -> Callable[[], None]:
-    changed = frozen(_model())
+    changed = frozen(loaded_model())
 
     def restore() -> None:
         for p in changed:
@@ -88,7 +87,7 @@ def _freeze() -> Callable[[], None]:
 
 def _release_vae() -> Callable[[], None]:
     """On a GPU, move the VAE to the CPU while training (latents are cached); put it back after."""
-    vae = getattr(_model(), "first_stage_model", None)
+    vae = getattr(loaded_model(), "first_stage_model", None)
     if vae is None:
         return lambda: None
     device = next(vae.parameters()).device
@@ -102,10 +101,10 @@ def _release_vae() -> Callable[[], None]:
     return restore
 
 
-def _preview(emb: Embedding, prompt: str, step: int, out_dir: Path) -> str | None:
+def preview(emb: Embedding, prompt: str, step: int, out_dir: Path) -> str | None:
     """A txt2img image through the host's own pipeline, with the current vectors registered in memory."""
-    db = _db()
-    db.register_embedding(_live(emb, emb.name), _model())
+    db = database()
+    db.register_embedding(_live(emb, emb.name), loaded_model())
     try:
         image = webui.txt2img(prompt, webui.preview_size(emb.kind))
     finally:
@@ -123,7 +122,7 @@ def _live(emb: Embedding, name: str) -> Any:
 @contextlib.contextmanager
 def temporary_embeddings(embeddings: Mapping[str, Embedding]) -> Iterator[None]:
     """Embeddings known to the database by name inside the ``with`` only (prompt expressions)."""
-    db, model = _db(), _model()
+    db, model = database(), loaded_model()
     added: list[str] = []
     try:
         for name, emb in embeddings.items():
@@ -141,53 +140,26 @@ def model_loaded() -> bool:
     return sd_models.model_data.sd_model is not None
 
 
-def training_refusal(label: str) -> str:
-    """Why a fork that shares this adapter cannot train (checked before a job starts)."""
-    return (
-        f"training is not available on {label} yet: its sampling leaves the model's weights as inference "
-        "tensors, its VAE encode returns no distribution, and no test host was available to verify the "
-        "adapter there. Create, merge and inspect work here; train on AUTOMATIC1111 or Forge."
-    )
-
-
 class A1111Adapter(webui.WebUIAdapter):
     name: ClassVar[str] = "a1111"
-    #: the fork's name in messages when it cannot train (None: it trains)
-    no_training: ClassVar[str | None] = None
+    label: ClassVar[str] = "AUTOMATIC1111"
 
     def host_services(self) -> HostServices:
-        refusal = training_refusal(self.no_training) if self.no_training else None
         return HostServices(
             **webui.common_services(),
             build_parts=_parts,
             reload_embeddings=reload_embeddings,
             freeze_model=_freeze,
-            preview=_preview,
+            preview=preview,
             embedding_status=embedding_status,
             release_image_encoder=_release_vae,
-            training_blocked=lambda: refusal,
         )
 
     def add_check_routes(self, app: Any, service: Any) -> None:
-        a1111_checks.add_check_routes(app, service, _model, _db)
+        a1111_checks.add_check_routes(app, service, loaded_model, database)
 
     def model_loaded_hook(self) -> Callable[[Any], None] | None:
         return on_model_loaded
 
     temporary_embeddings = staticmethod(temporary_embeddings)
     model_loaded = staticmethod(model_loaded)
-
-
-class ReForgeAdapter(A1111Adapter):
-    """Panchovix's reForge: A1111's database, ldm_patched text encoders (see :mod:`.a1111_model`)."""
-
-    name: ClassVar[str] = "reforge"
-    no_training: ClassVar[str | None] = "reForge"
-
-
-class ClassicAdapter(A1111Adapter):
-    """Haoming02's Forge Classic: like reForge, and its loader refuses embeddings stored in images."""
-
-    name: ClassVar[str] = "classic"
-    no_training: ClassVar[str | None] = "Forge Classic"
-    info_extra: ClassVar[dict[str, Any]] = {"image_embeddings": False}

@@ -8,6 +8,7 @@ never on the path: gradients reach the vectors without changing the host for any
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -107,8 +108,7 @@ def _ldm_patched(
     key: str, wrapped: Any, hidden_index: int, pooled: bool, final_norm: bool = False
 ) -> TextEncoder:
     """reForge and Forge Classic give SD2's CLIP-H and SDXL's CLIP-G as a transformers CLIPTextModel in
-    ``wrapped.transformer`` with an HF tokenizer and ``wrapped.text_projection``. Used for token lookups
-    (create, merge, nearest tokens); training is refused on those hosts (see ``a1111.ReForgeAdapter``)."""
+    ``wrapped.transformer`` with an HF tokenizer and ``wrapped.text_projection``."""
     n_layers = len(wrapped.transformer.text_model.encoder.layers)
     settings = EncoderSettings(
         skip=_skip_for_hidden_index(n_layers, hidden_index), final_norm=final_norm, pooled=pooled, id_pad=0
@@ -175,12 +175,24 @@ def _encode_image(m: Any) -> Any:
             std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
         else:
             dist = m.encode_first_stage(x)
-            if isinstance(dist, torch.Tensor):  # reForge: the latent itself, no distribution
-                return LatentDist((dist * scale).float().cpu(), None)
             mean, std = dist.mean, dist.std
         return LatentDist((mean * scale).float().cpu(), (std * scale).float().cpu())
 
     return encode
+
+
+def sdxl_vector(m: Any) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """SDXL's ``vector`` (pooled + the size embeddings of ``time_ids``) from the host's conditioner."""
+    size_embedders = [e for e in m.conditioner.embedders if getattr(e, "input_key", None) in SIZE_KEYS]
+
+    def vector(cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids = cond["time_ids"]
+        inputs = {SIZE_KEYS[0]: ids[:, 0:2], SIZE_KEYS[1]: ids[:, 2:4], SIZE_KEYS[2]: ids[:, 4:6]}
+        with torch.no_grad():
+            sizes = [e(inputs[e.input_key].to(cond["pooled"].device)) for e in size_embedders]
+        return torch.cat([cond["pooled"], *[s.to(cond["pooled"].dtype) for s in sizes]], dim=1)
+
+    return vector
 
 
 def _denoise(m: Any) -> Any:
@@ -191,15 +203,10 @@ def _denoise(m: Any) -> Any:
 
         return denoise
 
-    size_embedders = [e for e in m.conditioner.embedders if getattr(e, "input_key", None) in SIZE_KEYS]
+    vector = sdxl_vector(m)
 
     def denoise_xl(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        ids = cond["time_ids"]
-        inputs = {SIZE_KEYS[0]: ids[:, 0:2], SIZE_KEYS[1]: ids[:, 2:4], SIZE_KEYS[2]: ids[:, 4:6]}
-        with torch.no_grad():
-            sizes = [e(inputs[e.input_key].to(cond["pooled"].device)) for e in size_embedders]
-        vector = torch.cat([cond["pooled"], *[s.to(cond["pooled"].dtype) for s in sizes]], dim=1)
-        return m.apply_model(x, t, {"crossattn": cond["crossattn"], "vector": vector})
+        return m.apply_model(x, t, {"crossattn": cond["crossattn"], "vector": vector(cond)})
 
     return denoise_xl
 

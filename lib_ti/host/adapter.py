@@ -24,6 +24,11 @@ class HostAdapter(Protocol):
         """The host's name as detected: "a1111", "forge", "neo", "reforge", "classic"."""
         ...
 
+    @property
+    def label(self) -> str:
+        """The host's name for people: "AUTOMATIC1111", "Forge", "Forge Neo", "reForge", "Forge Classic"."""
+        ...
+
     def host_services(self) -> HostServices:
         """The host as the :class:`Service` sees it."""
         ...

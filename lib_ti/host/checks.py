@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from lib_ti.host import webui
 from lib_ti.parts import ModelParts
 
 
@@ -31,10 +32,42 @@ def one_backward(
     return {"vector_grad_abs_sum": grads, "seconds": time.perf_counter() - t0}
 
 
+def unet_parity(
+    parts: ModelParts,
+    theirs: Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor],
+    freeze: Callable[[], Callable[[], None]],
+    size: int = 8,
+) -> dict[str, Any]:
+    """Our gradient-safe UNet call (``parts.denoise``) against the host's own forward (``theirs``, run
+    under inference mode as its sampler runs it), same weights and inputs; then a gradient to the context."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, size, size, generator=gen)
+    t = torch.tensor([500])
+    width = {"sdxl": 2048, "sd2": 1024}.get(parts.kind, 768)
+    cond = {"crossattn": torch.randn(1, 77, width, generator=gen)}
+    if parts.kind == "sdxl":
+        cond["pooled"] = torch.randn(1, 1280, generator=gen)
+        cond["time_ids"] = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]])
+    with torch.inference_mode():
+        host = theirs(x, t, cond)
+    host = host.clone().float()  # outside inference mode: a normal tensor
+    restore = freeze()
+    try:
+        ours = parts.denoise(x, t, cond)
+        c = cond["crossattn"].clone().requires_grad_()
+        parts.denoise(x, t, dict(cond, crossattn=c)).square().mean().backward()
+        assert c.grad is not None
+        grad = float(c.grad.abs().sum())
+    finally:
+        restore()
+    return {"kind": parts.kind, "max_abs_diff": float((ours.detach().float() - host).abs().max()),
+            "scale": float(host.abs().max()), "context_grad_abs_sum": grad}  # fmt: skip
+
+
 def batch_txt2img(body: dict) -> dict[str, Any]:
     """One batch of ``prompts`` (one image each) through the host's own txt2img, as the UI runs it:
     the SHA-256 of each image's pixels and its infotext."""
-    from modules import call_queue, processing, scripts, shared
+    from modules import call_queue, processing, shared
 
     prompts = [str(x) for x in body["prompts"]]
     negatives = [str(x) for x in body.get("negative_prompts") or [""] * len(prompts)]
@@ -45,8 +78,7 @@ def batch_txt2img(body: dict) -> dict[str, Any]:
             steps=int(body.get("steps", 2)), width=size, height=size, seed=int(body.get("seed", 7)),
             cfg_scale=7, sampler_name="Euler", do_not_save_samples=True, do_not_save_grid=True,
         )  # fmt: skip
-        # no scripts (reForge's processing needs a runner; an empty one changes nothing)
-        p.scripts, p.script_args = scripts.ScriptRunner(), []
+        webui.without_scripts(p)
         res = processing.process_images(p)
     return {
         "pixels": [hashlib.sha256(img.convert("RGB").tobytes()).hexdigest() for img in res.images],

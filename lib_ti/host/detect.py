@@ -5,8 +5,8 @@
 - ``neo``: Haoming02's Forge Neo, the same backend; its ``modules_forge/forge_version.py`` says
   ``version = "neo"``. The Forge adapter, under Neo's name.
 - ``reforge`` (Panchovix) and ``classic`` (Haoming02's Forge Classic): ``modules_forge`` without that
-  backend. They keep A1111's ``sd_hijack.model_hijack.embedding_db``, so the A1111 adapter is used;
-  their text encoders are ldm_patched modules (see :mod:`lib_ti.host.a1111_model`). Classic's
+  backend. They keep A1111's ``sd_hijack.model_hijack.embedding_db`` and sample with Forge 1's
+  ldm_patched backend: :mod:`lib_ti.host.forks` (A1111's adapter with that backend's model parts). Classic's
   ``script_callbacks.on_*`` take no ``name=`` keyword (its older API), which tells the two apart.
 - ``a1111``: everything else.
 
@@ -20,9 +20,10 @@ import inspect
 import logging
 from typing import Literal
 
-from lib_ti.host.a1111 import A1111Adapter, ClassicAdapter, ReForgeAdapter
+from lib_ti.host.a1111 import A1111Adapter
 from lib_ti.host.adapter import HostAdapter
 from lib_ti.host.forge import ForgeAdapter, NeoAdapter
+from lib_ti.host.forks import ClassicAdapter, ReForgeAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def host_name() -> HostName:
     return "a1111"
 
 
-#: each host's adapter; reForge and Forge Classic share A1111's (training refused there)
+#: each host's adapter
 ADAPTERS: dict[str, type[HostAdapter]] = {
     "a1111": A1111Adapter,
     "forge": ForgeAdapter,

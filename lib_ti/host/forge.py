@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from lib_ti.embedding import Embedding
-from lib_ti.host import forge_checks, forge_model, webui
+from lib_ti.host import forge_checks, forge_model, grad_safe, webui
 from lib_ti.host.forge_model import engines
 from lib_ti.hostinfo import HostServices
 from lib_ti.io.formats import a1111_data
@@ -160,7 +160,7 @@ def _freeze() -> Callable[[], None]:
     """Load the UNet and text encoders, and make their weights usable by autograd (values unchanged)."""
     m = ensure_model()
     forge_model.load_for_training(m)
-    count, restore = forge_model.normal_weights(forge_model.training_modules(m))
+    count, restore = grad_safe.normal_weights(forge_model.training_modules(m))
     if count:
         logger.info("replaced %d inference tensors of the model by normal tensors (same values)", count)
     return restore
@@ -175,12 +175,13 @@ def _preview(emb: Embedding, prompt: str, step: int, out_dir: Path) -> str | Non
         # Forge's sampling runs in inference mode and may have made inference tensors again
         m = loaded_model()
         if m is not None:
-            forge_model.normal_weights(forge_model.training_modules(m))
+            grad_safe.normal_weights(forge_model.training_modules(m))
     return webui.save_preview(emb, image, step, out_dir) if image is not None else None
 
 
 class ForgeAdapter(webui.WebUIAdapter):
     name: ClassVar[str] = "forge"
+    label: ClassVar[str] = "Forge"
 
     def host_services(self) -> HostServices:
         services = webui.common_services()
@@ -210,3 +211,4 @@ class NeoAdapter(ForgeAdapter):
     """Haoming02's Forge Neo: Forge's backend and databases (``models/embeddings`` by default)."""
 
     name: ClassVar[str] = "neo"
+    label: ClassVar[str] = "Forge Neo"

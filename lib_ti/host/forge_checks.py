@@ -15,10 +15,10 @@ from lib_ti.host.forge_model import (
     build_parts,
     engines,
     load_for_training,
-    normal_weights,
     training_modules,
     unet_patcher,
 )
+from lib_ti.host.grad_safe import normal_weights
 from lib_ti.io.formats import read_embedding
 
 
@@ -66,34 +66,20 @@ def conditioning_parity(m: Any, prompt: str, name: str | None) -> dict[str, Any]
 def unet_parity(m: Any, size: int = 8) -> dict[str, Any]:
     """Our gradient-safe UNet call against Forge's own forward on model ``m``, same weights and inputs."""
     load_for_training(m)
-    parts = build_parts(m)
     net = unet_patcher(m).model.diffusion_model
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, size, size, generator=gen)
-    t = torch.tensor([500])
-    ctx_width = 2048 if parts.kind == "sdxl" else (1024 if parts.kind == "sd2" else 768)
-    cond = {"crossattn": torch.randn(1, 77, ctx_width, generator=gen)}
-    y = None
-    if parts.kind == "sdxl":
-        cond["pooled"] = torch.randn(1, 1280, generator=gen)
-        cond["time_ids"] = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]])
-        flat = torch.cat([m.embedder(torch.Tensor([v])) for v in [1024, 1024, 0, 0, 1024, 1024]]).flatten()
-        y = torch.cat([cond["pooled"], flat[None]], dim=1)
-    with torch.inference_mode():  # Forge's own forward, as its sampler runs it
-        theirs = net(x, t.float(), context=cond["crossattn"], y=y, control=None, transformer_options={})
-    theirs = theirs.clone()  # outside inference mode: a normal tensor
-    count, restore = normal_weights(training_modules(m))
-    try:
-        ours = parts.denoise(x, t, cond)
-        c = cond["crossattn"].clone().requires_grad_()
-        out = parts.denoise(x, t, dict(cond, crossattn=c))
-        out.square().mean().backward()
-        assert c.grad is not None
-        grad = float(c.grad.abs().sum())
-    finally:
-        restore()
-    return {"kind": parts.kind, "max_abs_diff": float((ours.detach() - theirs).abs().max()),
-            "scale": float(theirs.abs().max()), "replaced": count, "context_grad_abs_sum": grad}  # fmt: skip
+
+    def theirs(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        y = None
+        if "pooled" in cond:
+            sizes = cond["time_ids"][0].tolist()
+            flat = torch.cat([m.embedder(torch.Tensor([v])) for v in sizes]).flatten()
+            y = torch.cat([cond["pooled"], flat[None]], dim=1)
+        return net(x, t.float(), context=cond["crossattn"], y=y, control=None, transformer_options={})
+
+    def freeze() -> Callable[[], None]:
+        return normal_weights(training_modules(m))[1]
+
+    return checks.unet_parity(build_parts(m), theirs, freeze, size)
 
 
 def gradient_check(m: Any, vectors: dict[str, torch.Tensor], prompt: str, name: str) -> dict[str, Any]:

@@ -3,27 +3,24 @@
 What differs from A1111, and how it is handled here:
 - the text encoders are transformers ``CLIPTextModel`` inside the text-processing engines (CLIP-G too);
   our HFClipEncoder runs over them with the engines' own settings (clip skip, final norm, pooled);
-- Forge builds and loads its weights under ``torch.inference_mode``: every weight is an inference
-  tensor, which autograd cannot save. :func:`normal_weights` replaces each one in place by a normal
-  tensor with the same values, one at a time (no full copy of the model is ever held);
-- Forge's UNet transformer blocks add residuals in place (``x += n``), which autograd rejects once
-  those tensors are saved. :func:`out_of_place_blocks` swaps in an out-of-place block forward (same
-  arithmetic, same values) only around our own UNet calls;
+- Forge builds and loads its weights under ``torch.inference_mode`` and its transformer blocks add
+  residuals in place: :mod:`lib_ti.host.grad_safe` has the remedies (shared with the ldm_patched
+  hosts), applied around our own UNet calls only;
 - the UNet is called directly (eps or v output), with SDXL's ``y`` built from pooled + size embeddings;
 - the VAE's posterior mean and std are computed from its encoder, the latents scaled as Forge does.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from lib_ti.errors import TIError
+from lib_ti.host import grad_safe
 from lib_ti.parts import LatentDist, ModelParts
 from lib_ti.text.encoders import (
     EncoderSettings,
@@ -106,80 +103,10 @@ def text_encoder(engine: Any) -> HFClipEncoder:
 # ---------------------------------------------------------------------------- gradients through Forge's weights
 
 
-def normal_weights(modules: list[nn.Module]) -> tuple[int, Callable[[], None]]:
-    """Replace every inference-tensor parameter and buffer of ``modules`` by a normal tensor with the
-    same values (in place, one at a time; a tensor shared by two modules stays shared) and turn off
-    ``requires_grad``. Returns the number replaced and a function that restores the ``requires_grad``
-    flags (the values stay: generation is unchanged)."""
-    replaced: dict[int, Any] = {}
-    flags: list[tuple[nn.Parameter, bool]] = []
-    with torch.inference_mode(False), torch.no_grad():
-        for module in modules:
-            for sub in module.modules():
-                for store in (sub._parameters, sub._buffers):
-                    for name, t in list(store.items()):
-                        if t is None:
-                            continue
-                        new = replaced.get(id(t))
-                        if new is None and t.is_inference():
-                            if isinstance(t, nn.Parameter):
-                                new = nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
-                            else:
-                                new = t.clone()
-                            replaced[id(t)] = new
-                        if new is not None:
-                            store[name] = new
-                for p in sub._parameters.values():
-                    if p is not None and p.requires_grad:
-                        flags.append((p, True))
-                        p.requires_grad_(False)
-
-    def restore() -> None:
-        # Forge may have turned some back into inference tensors meanwhile (its encode casts the CLIP
-        # tables in inference mode); their flag can only be set in inference mode
-        with torch.inference_mode():
-            for p, flag in flags:
-                try:
-                    p.requires_grad_(flag)
-                except RuntimeError as e:
-                    logger.debug("could not restore requires_grad: %s", e)
-
-    return len(replaced), restore
-
-
-def _block_forward(
-    self: Any, x: torch.Tensor, context: Any = None, transformer_options: Any = None
-) -> torch.Tensor:
-    """Forge's transformer block without its in-place residual adds (no patches: we pass none)."""
-    if self.ff_in:
-        skip = x
-        x = self.ff_in(self.norm_in(x))
-        if self.is_res:
-            x = x + skip
-    n = self.norm1(x)
-    n = self.attn1(n, context=context if self.disable_self_attn else None, value=None)
-    x = x + n
-    if self.attn2 is not None:
-        n = self.norm2(x)
-        n = self.attn2(n, context=context, value=None)
-    x = x + n
-    skip = x
-    x = self.ff(self.norm3(x))
-    return x + skip if self.is_res else x
-
-
-@contextlib.contextmanager
-def out_of_place_blocks() -> Iterator[None]:
-    """Use :func:`_block_forward` for Forge's BasicTransformerBlock inside this context only."""
+def _block_class() -> type:
     from backend.nn import unet as forge_unet
 
-    cls = forge_unet.BasicTransformerBlock
-    original = cls.__dict__["_forward"]
-    cls._forward = _block_forward
-    try:
-        yield
-    finally:
-        cls._forward = original
+    return forge_unet.BasicTransformerBlock
 
 
 def check_unet(net: nn.Module) -> None:
@@ -210,26 +137,17 @@ def _denoise(
     k_model = unet_patcher(m).model
     net = k_model.diffusion_model
     dtype = getattr(k_model, "computation_dtype", None) or next(net.parameters()).dtype
+    call = grad_safe.unet_call(net, _block_class(), dtype)
     embedder: Any = getattr(m, "embedder", None)
 
     def denoise(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        device = next(net.parameters()).device
         y = None
         if kind == "sdxl":
             ids = cond["time_ids"].float().cpu()
             with torch.no_grad():
                 flat = torch.stack([embedder(ids[:, i]) for i in range(6)], dim=1).flatten(1)
-            y = torch.cat([cond["pooled"], flat.to(cond["pooled"])], dim=1).to(device, dtype)
-        with out_of_place_blocks():
-            out = net(
-                x.to(device, dtype),
-                t.to(device).float(),
-                context=cond["crossattn"].to(device, dtype),
-                y=y,
-                control=None,
-                transformer_options={},
-            )
-        return out.to(x.dtype)
+            y = torch.cat([cond["pooled"], flat.to(cond["pooled"])], dim=1)
+        return call(x, t, cond["crossattn"], y)
 
     return denoise
 

@@ -112,6 +112,14 @@ def preview_size(kind: str) -> int:
     return size if size >= 64 else (1024 if kind.startswith("sdxl") else 512)
 
 
+def without_scripts(p: Any) -> None:
+    """Run ``p`` with no extension scripts: an empty runner (reForge's processing needs one; A1111
+    takes None and an empty runner alike)."""
+    from modules import scripts
+
+    p.scripts, p.script_args = scripts.ScriptRunner(), []
+
+
 def txt2img(prompt: str, size: int) -> Any:
     """One image through the host's own txt2img processing, with a fixed seed."""
     from modules import processing, shared
@@ -121,6 +129,7 @@ def txt2img(prompt: str, size: int) -> Any:
         do_not_save_samples=True, do_not_save_grid=True,
     )  # fmt: skip
     p.do_not_reload_embeddings = True
+    without_scripts(p)
     res = processing.process_images(p)
     return res.images[0] if res.images else None
 
@@ -159,6 +168,8 @@ class WebUIAdapter(ABC):
     """The :class:`~lib_ti.host.adapter.HostAdapter` parts every A1111-family host shares."""
 
     name: ClassVar[str]
+    #: the host's name for people ("Forge Neo")
+    label: ClassVar[str]
     #: facts for the UI (``HostInfo.extra``)
     info_extra: ClassVar[dict[str, Any]] = {}
 

@@ -58,6 +58,8 @@ class JobStatus:
     norms: dict[str, list[float]] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     ended: float | None = None
+    #: what went wrong without ending the run (a preview the host could not make)
+    warnings: list[str] = field(default_factory=list)
     #: seconds spent in each phase: startup, caching, steps, validation, saving, previews
     timings: dict[str, float] = field(default_factory=dict)
 

@@ -140,6 +140,7 @@ def status_markdown(st: Any) -> str:
         )
     if st.message:
         lines.append(html.escape(st.message))
+    lines += [f"⚠ {html.escape(w)}" for w in getattr(st, "warnings", [])[-3:]]
     if st.file and not st.running:
         lines.append(f"saved: `{Path(st.file).name}`")
     return "\n\n".join(lines)

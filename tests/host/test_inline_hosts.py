@@ -72,6 +72,7 @@ def test_token_counter(host):
 def test_detected_as_its_host(host, request):
     """Each host gets its own adapter name in the start-up line (Forge Neo: "neo", from forge_version.py)."""
     name = request.node.callspec.params["host"]
-    assert f"Textual Inversion tab (lib_ti {__version__}) loaded on {name}." in host.log.read_text(
-        errors="replace"
-    )
+    labels = {"a1111": "AUTOMATIC1111", "forge": "Forge", "neo": "Forge Neo", "classic": "Forge Classic",
+              "reforge": "reForge"}  # fmt: skip
+    line = f"Textual Inversion tab (lib_ti {__version__}) loaded on {labels[name]} ({name})."
+    assert line in host.log.read_text(errors="replace")

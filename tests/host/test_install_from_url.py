@@ -1,8 +1,9 @@
 """Install from URL: the Extensions tab clones this extension from a git URL; it works after a restart.
 
-Offline: the URL is a ``file://`` bare repository made from
-this checkout's files (tracked and new, not ignored), so it tests the working tree. Runs its own host
-on SD_WEBUI_PORT + 2 in webui.sh's restart loop, without the development link in ``extensions/``.
+On AUTOMATIC1111 (SD_WEBUI_DIR) and Forge Neo (SD_NEO_DIR: the way its users install). Offline: the URL
+is a ``file://`` bare repository made from this checkout's files (tracked and new, not ignored), so it
+tests the working tree. Runs its own host on the host's port + 2 in webui.sh's restart loop, without
+the development link in ``extensions/``; install.py must run clean under the host's Python.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import urllib.request
 import pytest
 
 from ..conftest import ROOT
-from .conftest import LINK_NAME, running_host
+from .conftest import LINK_NAME, NEO_FLAGS, checkout, running_host
 
 pytestmark = pytest.mark.host
 
@@ -56,8 +57,20 @@ def gradio_call(host, pick, data, timeout=600):
         return f"connection closed ({type(e).__name__})"
 
 
-def test_install_from_url_and_restart(host_paths, tmp_path):
-    webui, python, embeddings = host_paths
+@pytest.fixture(params=["a1111", "neo"])
+def install_host(request, tmp_path):
+    """(checkout, python, embeddings folder, port, running_host keywords) of the host to install into."""
+    if request.param == "a1111":
+        webui, python, embeddings = request.getfixturevalue("host_paths")
+        return webui, python, embeddings, int(os.environ.get("SD_WEBUI_PORT", "7861")) + 2, {}
+    webui, python = checkout("SD_NEO_DIR", "SD_NEO_PYTHON", "Forge Neo host")
+    (tmp_path / "embeddings").mkdir()
+    kwargs = {"flags": NEO_FLAGS, "ckpt_flags": False, "started_line": "Startup time:"}
+    return webui, python, tmp_path / "embeddings", int(os.environ.get("SD_NEO_PORT", "7891")) + 2, kwargs
+
+
+def test_install_from_url_and_restart(install_host, tmp_path):
+    webui, python, embeddings, port, kwargs = install_host
     link = webui / "extensions" / LINK_NAME
     installed = webui / "extensions" / LINK_NAME
     had_link = link.is_symlink()
@@ -66,12 +79,10 @@ def test_install_from_url_and_restart(host_paths, tmp_path):
     elif installed.exists():
         pytest.skip(f"{installed} is a real folder; refusing to replace it")
     url = f"file://{bare_repo_of_this_checkout(tmp_path)}"
-    port = int(os.environ.get("SD_WEBUI_PORT", "7861")) + 2
     log = tmp_path / "webui.log"
     try:
         with running_host(webui, python, embeddings, log, port, [], link=False, restart_loop=True,
-                          ready="/sdapi/v1/sd-models") as (host, _proc):  # fmt: skip
-            host.post("/sdapi/v1/reload-checkpoint", {})
+                          ready="/sdapi/v1/sd-models", **kwargs) as (host, _proc):  # fmt: skip
             assert "Textual Inversion" not in str(host.get("/sdapi/v1/extensions"))
             t = time.time()
             out = gradio_call(
@@ -103,7 +114,6 @@ def test_install_from_url_and_restart(host_paths, tmp_path):
             ext = [e for e in host.get("/sdapi/v1/extensions") if e["name"] == LINK_NAME]
             assert ext and ext[0]["enabled"], ext
             assert ext[0]["remote"] == url
-            host.post("/sdapi/v1/reload-checkpoint", {})
             name = f"ti-url-{time.time_ns() % 10**6}"
             made = host.post("/ti/v1/create", {"name": name, "init_text": "a red car", "vectors": 1})
             assert made["kind"] == "sd1"
@@ -113,6 +123,7 @@ def test_install_from_url_and_restart(host_paths, tmp_path):
             log_text = log.read_text(errors="replace")
             assert log_text.count("Textual Inversion tab (lib_ti") == 1  # loaded once: after the restart
             assert "Error running install.py" not in log_text
+            assert "[sd-webui-ti]" not in log_text  # install.py found everything it needs: it said nothing
     finally:
         if installed.exists() and not installed.is_symlink():
             shutil.rmtree(installed)
