@@ -48,6 +48,7 @@ def reload_embeddings() -> None:
     """
     from modules import sd_models
 
+    webui.forget_cached_conditioning()
     if sd_models.model_data.sd_model is None:
         logger.info("no model loaded yet; embeddings will be read when it loads")
         return

@@ -92,6 +92,7 @@ def remember_api(app: Any) -> None:
 
 def reload_embeddings() -> None:
     """Re-read the folder into every engine, the cards' database and the API's."""
+    webui.forget_cached_conditioning()
     m = loaded_model()
     for eng in engines(m) if m is not None else []:
         eng.embeddings.load_textual_inversion_embeddings()

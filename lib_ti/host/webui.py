@@ -112,6 +112,25 @@ def preview_size(kind: str) -> int:
     return size if size >= 64 else (1024 if kind.startswith("sdxl") else 512)
 
 
+def forget_cached_conditioning() -> None:
+    """Empty the host's prompt-conditioning caches (class-level, kept across generations).
+
+    They are keyed by the prompt text and settings, not by the embeddings: after an embedding file is
+    written, the same prompt would otherwise reuse the old vectors' conditioning. Cleared in place, so
+    every processing object that holds a cache list sees it empty (Forge Neo's lists have three slots).
+    """
+    from modules import processing
+
+    for cls, attrs in (
+        (processing.StableDiffusionProcessing, ("cached_c", "cached_uc")),
+        (getattr(processing, "StableDiffusionProcessingTxt2Img", None), ("cached_hr_c", "cached_hr_uc")),
+    ):
+        for attr in attrs:
+            cache = getattr(cls, attr, None)
+            if isinstance(cache, list):
+                cache[:] = [None] * len(cache)
+
+
 def without_scripts(p: Any) -> None:
     """Run ``p`` with no extension scripts: an empty runner (reForge's processing needs one; A1111
     takes None and an empty runner alike)."""

@@ -102,6 +102,20 @@ def test_create_is_used_in_the_next_prompt(host):
     assert len(near["nearest"]["clip_l"]) == 2 and len(near["nearest"]["clip_l"][0]) == 3
 
 
+def test_a_rewritten_embedding_changes_the_same_prompts_image(host):
+    """The host caches the last prompt's conditioning by its text; after a write the same prompt and
+    seed must use the new vectors (and writing the old ones back gives the old image)."""
+    h, which = host
+    name = f"flowc-{which}-{flow.unique()}"
+    prompt = f"a photo of {name}, {flow.unique()}"
+    h.post("/ti/v1/create", {"name": name, "vectors": 1, "init_text": "a red car"})
+    first = flow.pixels(flow.txt2img(h, prompt, seed=5))
+    h.post("/ti/v1/create", {"name": name, "vectors": 1, "init_text": "a dog", "overwrite": True})
+    assert flow.pixels(flow.txt2img(h, prompt, seed=5)) != first
+    h.post("/ti/v1/create", {"name": name, "vectors": 1, "init_text": "a red car", "overwrite": True})
+    assert flow.pixels(flow.txt2img(h, prompt, seed=5)) == first
+
+
 def test_merge_is_used_in_the_next_prompt(host):
     h, which = host
     name = f"flowm-{which}-{flow.unique()}"

@@ -61,9 +61,11 @@ def create_and_train(host, browser, tmp_path, sd1_checkpoint: str, shot_prefix: 
     """The whole flow on ``host`` (a host fixture), on its SD1 checkpoint ``sd1_checkpoint``."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -r requirements-host.txt")
     opts = host.get("/sdapi/v1/options")
-    if not str(opts.get("sd_model_checkpoint", "")).startswith(sd1_checkpoint):
+    if not str(opts.get("sd_model_checkpoint", "")).startswith(sd1_checkpoint + "."):
         host.post("/sdapi/v1/options", {"sd_model_checkpoint": sd1_checkpoint})
         host.post("/sdapi/v1/reload-checkpoint", {})
+    # load it now (Forge and Neo load a checkpoint on its first use), not while the page waits
+    host.post("/sdapi/v1/txt2img", {"prompt": "warm-up", "steps": 1, "width": 64, "height": 64}, timeout=900)
     host.post("/sdapi/v1/options", {"ti_preview_size": 64})
     data = tmp_path / "data"
     data.mkdir()
