@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import types
+from typing import ClassVar
 
 import pytest
 import torch
@@ -210,3 +211,30 @@ def test_ldm_patched_vae_encode_scales_once(monkeypatch):
     torch.testing.assert_close(got.mean, mean * 0.18215)
     torch.testing.assert_close(got.std, torch.exp(0.5 * logvar) * 0.18215)
     assert loaded == [["vae"]]  # loaded through the backend's memory manager first
+
+
+def test_forget_cached_conditioning_clears_every_holder_in_place(monkeypatch):
+    """The hosts keep the last prompt's conditioning in class-level lists (Neo's have three slots) that
+    each processing object also holds: cleared in place, every holder sees them empty."""
+    from lib_ti.host import webui
+
+    class Processing:
+        cached_c: ClassVar[list] = ["key", "cond", {"TI": "x"}]
+        cached_uc: ClassVar[list] = ["key", "uncond", {}]
+
+    class Txt2Img(Processing):
+        cached_hr_c: ClassVar[list] = ["key", "hr"]
+        cached_hr_uc: ClassVar[list] = ["key", "hr-uncond"]
+
+    held = Processing.cached_c  # what p.cached_c refers to in a running job
+    mod = types.ModuleType("modules.processing")
+    mod.StableDiffusionProcessing = Processing  # type: ignore[attr-defined]
+    mod.StableDiffusionProcessingTxt2Img = Txt2Img  # type: ignore[attr-defined]
+    pkg = types.ModuleType("modules")
+    pkg.processing = mod  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "modules", pkg)
+    monkeypatch.setitem(sys.modules, "modules.processing", mod)
+    webui.forget_cached_conditioning()
+    assert held == [None, None, None] and held is Processing.cached_c
+    assert Processing.cached_uc == [None, None, None]
+    assert Txt2Img.cached_hr_c == [None, None] and Txt2Img.cached_hr_uc == [None, None]

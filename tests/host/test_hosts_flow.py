@@ -108,11 +108,11 @@ def test_a_rewritten_embedding_changes_the_same_prompts_image(host):
     h, which = host
     name = f"flowc-{which}-{flow.unique()}"
     prompt = f"a photo of {name}, {flow.unique()}"
-    h.post("/ti/v1/create", {"name": name, "vectors": 1, "init_text": "a red car"})
+    h.post("/ti/v1/create", {"name": name, "vectors": 1, "init_text": "car"})
     first = flow.pixels(flow.txt2img(h, prompt, seed=5))
-    h.post("/ti/v1/create", {"name": name, "vectors": 1, "init_text": "a dog", "overwrite": True})
+    h.post("/ti/v1/create", {"name": name, "vectors": 1, "init_text": "dog", "overwrite": True})
     assert flow.pixels(flow.txt2img(h, prompt, seed=5)) != first
-    h.post("/ti/v1/create", {"name": name, "vectors": 1, "init_text": "a red car", "overwrite": True})
+    h.post("/ti/v1/create", {"name": name, "vectors": 1, "init_text": "car", "overwrite": True})
     assert flow.pixels(flow.txt2img(h, prompt, seed=5)) == first
 
 

@@ -89,9 +89,7 @@ def test_sdxl_create_use_parity_and_train(sdxl, dataset):
     r = h.post("/ti/v1/_checks/unet", {"size": 8}, timeout=1800)
     print(which, "SDXL UNet", r)
     assert r["max_abs_diff"] <= 1e-4 * max(r["scale"], 1.0) and r["context_grad_abs_sum"] > 0
-    g = h.post(
-        "/ti/v1/_checks/gradient", {"prompt": f"a photo of {name}", "embedding": name}, timeout=1800
-    )
+    g = h.post("/ti/v1/_checks/gradient", {"prompt": f"a photo of {name}", "embedding": name}, timeout=1800)
     print(which, "SDXL gradient", g)
     assert g["vector_grad_abs_sum"]["clip_l"] > 0 and g["vector_grad_abs_sum"]["clip_g"] > 0
     assert g["weights_with_grad"] == 0

@@ -32,5 +32,5 @@ def test_create_and_train_in_the_browser(host, browser, tmp_path):
 
 
 def test_embedding_math_in_the_prompt_box(host, browser):
-    h, _, prefix = host
-    inline_prompt(h, browser, shot_prefix=prefix)
+    h, checkpoint, prefix = host
+    inline_prompt(h, browser, checkpoint, shot_prefix=prefix)

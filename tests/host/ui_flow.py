@@ -57,15 +57,17 @@ def _shot(page, name: str, locator: str | None = None) -> None:
     target.screenshot(path=str(SHOTS / name))
 
 
+def loaded(host, checkpoint: str) -> None:
+    """Select ``checkpoint`` and load it now (Forge and Neo load on first use), not while a page waits."""
+    if not str(host.get("/sdapi/v1/options").get("sd_model_checkpoint", "")).startswith(checkpoint + "."):
+        host.post("/sdapi/v1/options", {"sd_model_checkpoint": checkpoint}, timeout=900)
+    host.post("/sdapi/v1/txt2img", {"prompt": "warm-up", "steps": 1, "width": 64, "height": 64}, timeout=900)
+
+
 def create_and_train(host, browser, tmp_path, sd1_checkpoint: str, shot_prefix: str = "") -> None:
     """The whole flow on ``host`` (a host fixture), on its SD1 checkpoint ``sd1_checkpoint``."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -r requirements-host.txt")
-    opts = host.get("/sdapi/v1/options")
-    if not str(opts.get("sd_model_checkpoint", "")).startswith(sd1_checkpoint + "."):
-        host.post("/sdapi/v1/options", {"sd_model_checkpoint": sd1_checkpoint})
-        host.post("/sdapi/v1/reload-checkpoint", {})
-    # load it now (Forge and Neo load a checkpoint on its first use), not while the page waits
-    host.post("/sdapi/v1/txt2img", {"prompt": "warm-up", "steps": 1, "width": 64, "height": 64}, timeout=900)
+    loaded(host, sd1_checkpoint)
     host.post("/sdapi/v1/options", {"ti_preview_size": 64})
     data = tmp_path / "data"
     data.mkdir()
@@ -176,11 +178,12 @@ def create_and_train(host, browser, tmp_path, sd1_checkpoint: str, shot_prefix: 
     page.close()
 
 
-def inline_prompt(host, browser, shot_prefix: str = "") -> None:
+def inline_prompt(host, browser, sd1_checkpoint: str, shot_prefix: str = "") -> None:
     """Embedding math typed into txt2img's prompt: the token counter counts vectors, Generate gives an
     image whose infotext carries EmbeddingMerge; pasting that infotext restores the prompt; a bad
     expression shows the host's error and no image."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -r requirements-host.txt")
+    loaded(host, sd1_checkpoint)
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
     page.goto(host.base, wait_until="load", timeout=180_000)
     page.wait_for_selector("#tabs", timeout=180_000)
