@@ -202,3 +202,22 @@ def test_plain_forward_unwraps_only_torch_grad_modes():
     assert not m(x).requires_grad
     out = grad_safe.plain_forward(m)(x)
     assert out.requires_grad and calls == ["forward", "forward"]  # the extension-style wrapper still runs
+
+
+def test_modules_listed_twice_keep_every_tensor_in_its_place():
+    """A wrapper listed beside the module it wraps (SDXL's conditioner around the CLIP encoders): the
+    second visit sees the new tensors; none may be taken for a freed old one whose id it reuses."""
+    with torch.inference_mode():
+        inner = nn.Sequential(
+            *[nn.Sequential(nn.Linear(7, 5), nn.LayerNorm(5), nn.Linear(5, 3)) for _ in range(40)]
+        )
+    outer = nn.Module()
+    outer.inner = inner
+    outer.alias = inner[3][0].weight  # registered twice, as the loaders' aliases are
+    before = {n: (tuple(p.shape), p.detach().clone()) for n, p in inner.named_parameters()}
+    count, _ = normal_weights([inner, outer, inner])
+    assert count == len(before)
+    for n, p in inner.named_parameters():
+        assert (tuple(p.shape), p.is_inference()) == (before[n][0], False), n
+        assert torch.equal(p.detach(), before[n][1]), n
+    assert outer.alias is inner[3][0].weight

@@ -27,43 +27,50 @@ logger = logging.getLogger(__name__)
 
 def normal_weights(modules: list[nn.Module]) -> tuple[int, Callable[[], None]]:
     """Replace every inference-tensor parameter and buffer of ``modules`` by a normal tensor with the
-    same values (in place, one at a time; a tensor shared by two modules stays shared) and turn off
-    ``requires_grad``. Returns the number replaced and a function that restores the ``requires_grad``
-    flags (the values stay: generation is unchanged)."""
-    replaced: dict[int, Any] = {}
-    flags: list[tuple[nn.Parameter, bool]] = []
+    same values (in place, one tensor at a time; a tensor held in several places, or by modules listed
+    twice, gets one replacement everywhere) and turn off ``requires_grad``. Returns the number replaced
+    and a function that restores the ``requires_grad`` flags (the values stay: generation is unchanged)."""
+    # first every slot of every inference tensor, while all of them are alive (ids are then unique);
+    # a replacement is never looked up by id, so a freed tensor's id reused by a new one cannot mislead
+    slots: dict[int, tuple[torch.Tensor, list[tuple[dict[str, Any], str]]]] = {}
+    for module in modules:
+        for sub in module.modules():
+            for store in (sub._parameters, sub._buffers):
+                for name, t in store.items():
+                    if t is not None and t.is_inference():
+                        slots.setdefault(id(t), (t, []))[1].append((store, name))
+    count = len(slots)
     with torch.inference_mode(False), torch.no_grad():
-        for module in modules:
-            for sub in module.modules():
-                for store in (sub._parameters, sub._buffers):
-                    for name, t in list(store.items()):
-                        if t is None:
-                            continue
-                        new = replaced.get(id(t))
-                        if new is None and t.is_inference():
-                            if isinstance(t, nn.Parameter):
-                                new = nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
-                            else:
-                                new = t.clone()
-                            replaced[id(t)] = new
-                        if new is not None:
-                            store[name] = new
-                for p in sub._parameters.values():
-                    if p is not None and p.requires_grad:
-                        flags.append((p, True))
-                        p.requires_grad_(False)
+        for key in list(slots):
+            t, where = slots.pop(key)
+            new = (
+                nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
+                if isinstance(t, nn.Parameter)
+                else t.clone()
+            )
+            for store, name in where:
+                store[name] = new
+            del t, where, new  # the old tensor goes now: one extra tensor at a time
+    flags: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for module in modules:
+        for p in module.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                flags.append(p)
+                p.requires_grad_(False)
 
     def restore() -> None:
         # the host may have turned some back into inference tensors meanwhile (Forge's encode casts
         # the CLIP tables in inference mode); their flag can only be set in inference mode
         with torch.inference_mode():
-            for p, flag in flags:
+            for p in flags:
                 try:
-                    p.requires_grad_(flag)
+                    p.requires_grad_(True)
                 except RuntimeError as e:
                     logger.debug("could not restore requires_grad: %s", e)
 
-    return len(replaced), restore
+    return count, restore
 
 
 def block_forward(

@@ -50,8 +50,17 @@ def block_class() -> type:
 
 
 def training_modules(m: Any) -> list[nn.Module]:
-    """The modules a training step runs: the UNet and the text encoders."""
-    return [_net(m), m.forge_objects.clip.cond_stage_model]
+    """The modules a training step runs: the UNet, the text encoders, and A1111's conditioning wrappers
+    around them (``cond_stage_model``; SDXL's conditioner), which hold aliases of the encoders' tensors
+    (the loader sets ``embedder.text_projection`` to CLIP-G's): one replacement for each tensor, wherever
+    it is held."""
+    mods: list[nn.Module] = [_net(m), m.forge_objects.clip.cond_stage_model]
+    mods += [
+        w
+        for w in (getattr(m, "cond_stage_model", None), getattr(m, "conditioner", None))
+        if isinstance(w, nn.Module)
+    ]
+    return mods
 
 
 def load_for_training(m: Any) -> None:

@@ -122,7 +122,7 @@ def host_paths(tmp_path_factory):
 def running_host(
     webui: Path,
     python: Path,
-    embeddings: Path,
+    embeddings: Path | None,
     log: Path,
     port: int,
     extra: list[str],
@@ -138,6 +138,7 @@ def running_host(
 ):
     """Start the web UI like ``launch.sh`` does, wait for its checkpoint, stop it afterwards.
 
+    ``embeddings``: the ``--embeddings-dir`` (None: the host's default folder).
     ``link``: link this checkout into ``extensions/`` first. ``restart_loop``: run it in webui.sh's
     loop, so that "Apply and restart UI" (which writes ``tmp/restart`` and exits) starts it again.
     ``ready``: the path that answers once the host is up (ours by default: added last).
@@ -159,8 +160,8 @@ def running_host(
         / f"{ckpt or os.environ.get('SD_WEBUI_CKPT', 'tiny-sd1')}.safetensors"
     )
     start = ["--no-download-sd-model", "--ckpt", str(ckpt_path)] if ckpt_flags else []
-    args = [str(python), "launch.py", *flags, "--api", "--port", str(port), *start,
-            "--embeddings-dir", str(embeddings), *extra]  # fmt: skip
+    folder = ["--embeddings-dir", str(embeddings)] if embeddings is not None else []
+    args = [str(python), "launch.py", *flags, "--api", "--port", str(port), *start, *folder, *extra]
     env = {**_env(webui), **(env_extra or {})}
     if restart_loop:
         env["SD_WEBUI_RESTART"] = "tmp/restart"

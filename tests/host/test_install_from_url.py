@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -58,19 +59,25 @@ def gradio_call(host, pick, data, timeout=600):
 
 
 @pytest.fixture(params=["a1111", "neo"])
-def install_host(request, tmp_path):
-    """(checkout, python, embeddings folder, port, running_host keywords) of the host to install into."""
+def install_host(request):
+    """(checkout, python, the host's default embeddings folder, port, running_host keywords)."""
     if request.param == "a1111":
-        webui, python, embeddings = request.getfixturevalue("host_paths")
-        return webui, python, embeddings, int(os.environ.get("SD_WEBUI_PORT", "7861")) + 2, {}
+        webui, python, _ = request.getfixturevalue("host_paths")
+        return webui, python, webui / "embeddings", int(os.environ.get("SD_WEBUI_PORT", "7861")) + 2, {}
     webui, python = checkout("SD_NEO_DIR", "SD_NEO_PYTHON", "Forge Neo host")
-    (tmp_path / "embeddings").mkdir()
     kwargs = {"flags": NEO_FLAGS, "ckpt_flags": False, "started_line": "Startup time:"}
-    return webui, python, tmp_path / "embeddings", int(os.environ.get("SD_NEO_PORT", "7891")) + 2, kwargs
+    return (
+        webui,
+        python,
+        webui / "models" / "embeddings",
+        int(os.environ.get("SD_NEO_PORT", "7891")) + 2,
+        kwargs,
+    )
 
 
 def test_install_from_url_and_restart(install_host, tmp_path):
-    webui, python, embeddings, port, kwargs = install_host
+    """Started without --embeddings-dir: the extension uses the host's own folder (Neo: models/embeddings)."""
+    webui, python, folder, port, kwargs = install_host
     link = webui / "extensions" / LINK_NAME
     installed = webui / "extensions" / LINK_NAME
     had_link = link.is_symlink()
@@ -80,8 +87,9 @@ def test_install_from_url_and_restart(install_host, tmp_path):
         pytest.skip(f"{installed} is a real folder; refusing to replace it")
     url = f"file://{bare_repo_of_this_checkout(tmp_path)}"
     log = tmp_path / "webui.log"
+    made_files: list[Path] = []
     try:
-        with running_host(webui, python, embeddings, log, port, [], link=False, restart_loop=True,
+        with running_host(webui, python, None, log, port, [], link=False, restart_loop=True,
                           ready="/sdapi/v1/sd-models", **kwargs) as (host, _proc):  # fmt: skip
             assert "Textual Inversion" not in str(host.get("/sdapi/v1/extensions"))
             t = time.time()
@@ -106,7 +114,7 @@ def test_install_from_url_and_restart(install_host, tmp_path):
                         )
                     time.sleep(1)
             print(f"back after {time.time() - t:.0f}s")
-            assert isinstance(listed, (list, dict))
+            assert listed["folder"] == str(folder)  # the host's default embeddings folder
             tabs = [
                 c["props"].get("label") for c in host.config()["components"] if c.get("type") == "tabitem"
             ]
@@ -115,6 +123,8 @@ def test_install_from_url_and_restart(install_host, tmp_path):
             assert ext and ext[0]["enabled"], ext
             assert ext[0]["remote"] == url
             name = f"ti-url-{time.time_ns() % 10**6}"
+            made_files.append(folder / f"{name}.safetensors")
+            made_files.append(folder / f"{name}.json")
             made = host.post("/ti/v1/create", {"name": name, "init_text": "a red car", "vectors": 1})
             assert made["kind"] == "sd1"
             res = host.post("/sdapi/v1/txt2img", {"prompt": f"a photo of {name} {time.time_ns()}", "steps": 2,
@@ -125,6 +135,8 @@ def test_install_from_url_and_restart(install_host, tmp_path):
             assert "Error running install.py" not in log_text
             assert "[sd-webui-ti]" not in log_text  # install.py found everything it needs: it said nothing
     finally:
+        for f in made_files:  # the host's own folder: leave it as it was
+            f.unlink(missing_ok=True)
         if installed.exists() and not installed.is_symlink():
             shutil.rmtree(installed)
         if had_link or not link.exists():
