@@ -160,16 +160,9 @@ def _encode_image(m: Any) -> Callable[[torch.Tensor], LatentDist]:
         from backend import memory_management
 
         memory_management.load_models_gpu([vae.patcher])
-        # inference_mode(False) turns gradients back on: no_grad must come after it
-        with torch.inference_mode(False), torch.no_grad():
-            x = pixels.to(device=vae.device, dtype=vae.vae_dtype)
-            moments = fsm.encoder(x)
-            if getattr(fsm, "quant_conv", None) is not None:
-                moments = fsm.quant_conv(moments)
-            mean, logvar = torch.chunk(moments.float(), 2, dim=1)
-            std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
-            shift, scale = float(getattr(fsm, "shift_factor", 0.0) or 0.0), float(fsm.scaling_factor)
-            return LatentDist(((mean - shift) * scale).cpu(), (std * scale).cpu())
+        mean, std = grad_safe.vae_posterior(fsm, pixels, vae.device, vae.vae_dtype)
+        shift, scale = float(getattr(fsm, "shift_factor", 0.0) or 0.0), float(fsm.scaling_factor)
+        return LatentDist(((mean - shift) * scale).cpu(), (std * scale).cpu())
 
     return encode
 

@@ -43,7 +43,7 @@ def normal_weights(modules: list[nn.Module]) -> tuple[int, Callable[[], None]]:
     with torch.inference_mode(False), torch.no_grad():
         for key in list(slots):
             t, where = slots.pop(key)
-            new = (
+            new: Any = (
                 nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
                 if isinstance(t, nn.Parameter)
                 else t.clone()
@@ -117,6 +117,20 @@ def plain_forward(net: nn.Module) -> Callable[..., Any]:
     ):
         fn = fn.__wrapped__
     return fn.__get__(net, type(net))
+
+
+def vae_posterior(
+    fsm: Any, pixels: torch.Tensor, device: Any, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unscaled posterior mean and std of a Forge-family VAE (``encoder``, optional ``quant_conv``)
+    for ``pixels`` in [-1, 1], computed outside inference mode (normal tensors, no graph), in float32."""
+    # inference_mode(False) turns gradients back on: no_grad must come after it
+    with torch.inference_mode(False), torch.no_grad():
+        moments = fsm.encoder(pixels.to(device=device, dtype=dtype))
+        if getattr(fsm, "quant_conv", None) is not None:
+            moments = fsm.quant_conv(moments)
+        mean, logvar = torch.chunk(moments.float(), 2, dim=1)
+        return mean, torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
 
 
 def unet_call(

@@ -39,8 +39,8 @@ def browser():
         b.close()
 
 
-#: what Forge Classic's UI shows for any exception raised in its main-thread loop
-GENERIC_ERROR = "Error(s) occurred during generation"
+#: what Forge Classic's and reForge's UIs show for any exception raised in their main-thread loop
+GENERIC_ERRORS = ("Error(s) occurred during generation", "TypeError: 'NoneType' object is not iterable")
 
 
 def _tab(page, container: str, label: str):
@@ -233,15 +233,21 @@ def inline_prompt(host, browser, sd1_checkpoint: str, shot_prefix: str = "") -> 
     # a bad expression: the host's error display, quoting the expression
     box.fill("a photo of <'cat' + > here")
     page.locator("#txt2img_generate").click()
-    page.wait_for_function(
-        "(t => t.includes('embedding math') || t.includes(arguments[0]))"
-        "(document.querySelector('#html_log_txt2img').innerText)".replace(
-            "arguments[0]", repr(GENERIC_ERROR)
-        ),
-        timeout=120_000,
-    )
+    try:
+        page.wait_for_function(
+            "errs => ['embedding math', ...errs].some(e => "
+            "document.querySelector('#html_log_txt2img').innerText.includes(e))",
+            arg=list(GENERIC_ERRORS),
+            timeout=120_000,
+        )
+    except sync_api.Error:
+        shown = page.evaluate(
+            "Array.from(document.querySelectorAll('[id^=html_log], .error')).map(e => e.id + ': ' + e.outerHTML.slice(0, 300))"
+        )
+        _shot(page, shot_prefix + "inline-error-debug.png", "#tab_txt2img")
+        pytest.fail(f"no error shown for a bad expression; error elements: {shown}")
     log = page.locator("#html_log_txt2img").first.inner_text()
-    if GENERIC_ERROR in log:  # Forge Classic's main-thread loop shows only this; its console has the reason
+    if any(e in log for e in GENERIC_ERRORS):  # Classic, reForge: the reason is in the console only
         assert "embedding math <'cat' +> in the prompt" in host.log.read_text(errors="replace")
     else:
         assert "<'cat' +>" in log and "column 7" in log, log
