@@ -211,6 +211,14 @@ class Service:
         path = self.write(result.embedding, overwrite=overwrite, fmt=fmt)
         return path, result.warnings
 
+    def forget_model(self) -> None:
+        """Drop everything that holds the loaded model's encoders (nearest-token tables, the merge
+        context, prompt-expression results): called when the host loads another model, so the old
+        one's text encoders can be freed (on SDXL about 2 GB, measured) instead of waiting for next use."""
+        self._nearest_cache = None
+        self._merge_cache = None
+        self.inline.forget()
+
     def merge_context(self, parts: ModelParts) -> MergeContext:
         """The merge language's view of the loaded model and the folder; kept while neither changes."""
         found = [emb for path, emb in self._folder_embeddings() if path.suffix in TENSOR_SUFFIXES]

@@ -47,9 +47,16 @@ def _app_started(_demo, app):
 script_callbacks.on_ui_tabs(_ui_tabs)
 script_callbacks.on_ui_settings(_ui_settings)
 script_callbacks.on_app_started(_app_started)
-_on_model_loaded = ADAPTER.model_loaded_hook()
-if _on_model_loaded is not None:
-    script_callbacks.on_model_loaded(_on_model_loaded)
+_host_model_loaded = ADAPTER.model_loaded_hook()
+
+
+def _model_loaded(sd_model):
+    _service().forget_model()
+    if _host_model_loaded is not None:
+        _host_model_loaded(sd_model)
+
+
+script_callbacks.on_model_loaded(_model_loaded)
 
 inline.install(_service, ADAPTER.temporary_embeddings, ADAPTER.model_loaded)
 

@@ -64,6 +64,23 @@ def unet_parity(
             "scale": float(host.abs().max()), "context_grad_abs_sum": grad}  # fmt: skip
 
 
+def live_tensors() -> dict[str, Any]:
+    """The bytes of every CPU tensor storage Python still reaches (each storage once), and the largest
+    holders by module name: what a model switch should have freed."""
+    import gc
+
+    gc.collect()
+    seen: dict[int, int] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            try:
+                storage = obj.untyped_storage()
+            except RuntimeError:  # sparse, meta or other storages without a data pointer
+                continue
+            seen[storage.data_ptr()] = storage.nbytes()
+    return {"bytes": sum(seen.values()), "storages": len(seen)}
+
+
 def batch_txt2img(body: dict) -> dict[str, Any]:
     """One batch of ``prompts`` (one image each) through the host's own txt2img, as the UI runs it:
     the SHA-256 of each image's pixels and its infotext."""
@@ -101,3 +118,4 @@ def add_routes(
     app.add_api_route("/ti/v1/_checks/parity", parity_route, methods=["POST"])
     app.add_api_route("/ti/v1/_checks/gradient", gradient_route, methods=["POST"])
     app.add_api_route("/ti/v1/_checks/batch", batch_txt2img, methods=["POST"])
+    app.add_api_route("/ti/v1/_checks/live_tensors", live_tensors, methods=["GET"])

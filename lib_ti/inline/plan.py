@@ -55,6 +55,11 @@ class InlineEvaluator:
         self._ctx: MergeContext | None = None
         self._results: dict[str, dict[str, torch.Tensor] | MergeError] = {}
 
+    def forget(self) -> None:
+        """Drop the context and results (a new model: the old one's encoders must not stay reachable)."""
+        with self._lock:
+            self._ctx, self._results = None, {}
+
     def vectors(self, ctx: MergeContext, expr: str) -> dict[str, torch.Tensor]:
         """The vectors of ``expr`` (0 to 75 of them); raises the cached :class:`MergeError` for a bad one."""
         with self._lock:

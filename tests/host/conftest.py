@@ -237,8 +237,8 @@ def forge(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def neo(tmp_path_factory):
-    """A real Forge Neo (SD_NEO_DIR) on the CPU with this extension linked in, on port SD_NEO_PORT (7891);
-    its start-up checkpoint is the one its settings name (an SD1.5 one, tests/host/README.md)."""
+    """A real Forge Neo (SD_NEO_DIR) on the CPU with this extension linked in, on port SD_NEO_PORT (7891),
+    switched to SD_NEO_CKPT (``rand-sd15``) at start (Neo has no ``--ckpt``)."""
     webui_p, python = checkout("SD_NEO_DIR", "SD_NEO_PYTHON", "Forge Neo host")
     embeddings = tmp_path_factory.mktemp("neo-embeddings")
     port = int(os.environ.get("SD_NEO_PORT", "7891"))
@@ -257,6 +257,8 @@ def neo(tmp_path_factory):
         host,
         _proc,
     ):
+        # Neo has no --ckpt and starts on the checkpoint its settings saved last: the SD1.5 one
+        host.post("/sdapi/v1/options", {"sd_model_checkpoint": os.environ.get("SD_NEO_CKPT", "rand-sd15")})
         yield host
 
 

@@ -237,6 +237,9 @@ def test_checkpoint_switch_mid_run_stops_cleanly(host, dataset):
     other = second_checkpoint(h, first)
     name = f"flows-{which}-{flow.unique()}"
     h.post("/ti/v1/create", {"name": name, "vectors": 1, "init_text": "a painting"})
+    h.post("/ti/v1/merge", {"expression": "'cat' + 'dog'", "name": f"{name}-m"})  # fills our model caches
+    flow.txt2img(h, f"a photo of <'cat' + 'dog'> {flow.unique()}")
+    live_before = h.get("/ti/v1/_checks/live_tensors")["bytes"]
     job = h.post("/ti/v1/train", train_body(name, dataset, 500, validation_every=0))["job"]
     try:
         wait_step(h, job, 2, timeout=600)
@@ -251,5 +254,9 @@ def test_checkpoint_switch_mid_run_stops_cleanly(host, dataset):
         assert other in str(h.get("/sdapi/v1/options")["sd_model_checkpoint"])
         # the switch went through: the next generation runs on the other checkpoint
         assert other in flow.info(flow.txt2img(h, f"a photo {flow.unique()}"))
+        # and nothing of ours keeps the old model's tensors reachable (same-size checkpoint)
+        live_after = h.get("/ti/v1/_checks/live_tensors")["bytes"]
+        print(which, "live tensors before / after the switch:", live_before, live_after)
+        assert live_after <= live_before * 1.02
     finally:
         switch(h, which, first["title"])
