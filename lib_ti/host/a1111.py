@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from lib_ti.embedding import Embedding
 from lib_ti.host import a1111_checks, webui
-from lib_ti.host.a1111_model import build_parts, frozen
+from lib_ti.host.a1111_model import build_parts, freeze
 from lib_ti.hostinfo import HostServices
 from lib_ti.io.formats import a1111_data
 
@@ -77,13 +77,7 @@ def _parts() -> Any:
 
 
 def _freeze() -> Callable[[], None]:
-    changed = frozen(loaded_model())
-
-    def restore() -> None:
-        for p in changed:
-            p.requires_grad_(True)
-
-    return restore
+    return freeze(loaded_model())
 
 
 def _release_vae() -> Callable[[], None]:

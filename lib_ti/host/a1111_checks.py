@@ -14,23 +14,13 @@ import torch
 
 from lib_ti.host import checks
 from lib_ti.host.a1111_model import build_parts as a1111_parts
-from lib_ti.host.a1111_model import frozen
+from lib_ti.host.a1111_model import freeze as freeze_all
 from lib_ti.io.formats import read_embedding
 from lib_ti.parts import ModelParts
 
 PartsFn = Callable[[Any], ModelParts]
 #: freeze(model) -> restore
 FreezeFn = Callable[[Any], Callable[[], None]]
-
-
-def freeze_all(m: Any) -> Callable[[], None]:
-    changed = frozen(m)
-
-    def restore() -> None:
-        for p in changed:
-            p.requires_grad_(True)
-
-    return restore
 
 
 def conditioning_parity(

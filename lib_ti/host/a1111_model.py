@@ -241,9 +241,15 @@ def build_parts(m: Any) -> ModelParts:
     )
 
 
-def frozen(m: Any) -> list[torch.nn.Parameter]:
-    """Turn off ``requires_grad`` on every weight of the model; returns those that had it (to restore)."""
+def freeze(m: Any) -> Callable[[], None]:
+    """Turn off ``requires_grad`` on every weight of the model; returns the function that turns it back
+    on for those that had it."""
     changed = [p for p in m.parameters() if p.requires_grad]
     for p in changed:
         p.requires_grad_(False)
-    return changed
+
+    def restore() -> None:
+        for p in changed:
+            p.requires_grad_(True)
+
+    return restore

@@ -65,8 +65,8 @@ def unet_parity(
 
 
 def live_tensors() -> dict[str, Any]:
-    """The bytes of every CPU tensor storage Python still reaches (each storage once), and the largest
-    holders by module name: what a model switch should have freed."""
+    """The bytes and count of the CPU tensor storages Python still reaches (each storage once): after a
+    model switch, what the old model left reachable."""
     import gc
 
     gc.collect()

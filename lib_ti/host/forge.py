@@ -161,10 +161,7 @@ def _freeze() -> Callable[[], None]:
     """Load the UNet and text encoders, and make their weights usable by autograd (values unchanged)."""
     m = ensure_model()
     forge_model.load_for_training(m)
-    count, restore = grad_safe.normal_weights(forge_model.training_modules(m))
-    if count:
-        logger.info("replaced %d inference tensors of the model by normal tensors (same values)", count)
-    return restore
+    return grad_safe.trainable(forge_model.training_modules(m))
 
 
 def _preview(emb: Embedding, prompt: str, step: int, out_dir: Path) -> str | None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lib_ti.host import checks
+from lib_ti.host import checks, grad_safe
 from lib_ti.host.forge_model import (
     build_parts,
     engines,
@@ -76,10 +76,7 @@ def unet_parity(m: Any, size: int = 8) -> dict[str, Any]:
             y = torch.cat([cond["pooled"], flat[None]], dim=1)
         return net(x, t.float(), context=cond["crossattn"], y=y, control=None, transformer_options={})
 
-    def freeze() -> Callable[[], None]:
-        return normal_weights(training_modules(m))[1]
-
-    return checks.unet_parity(build_parts(m), theirs, freeze, size)
+    return checks.unet_parity(build_parts(m), theirs, lambda: grad_safe.trainable(training_modules(m)), size)
 
 
 def gradient_check(m: Any, vectors: dict[str, torch.Tensor], prompt: str, name: str) -> dict[str, Any]:

@@ -8,7 +8,6 @@ sample with Forge 1's ldm_patched backend: training goes through :mod:`lib_ti.ho
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,8 +16,6 @@ from lib_ti.embedding import Embedding
 from lib_ti.host import a1111, a1111_checks, checks, grad_safe
 from lib_ti.host import ldm_patched_model as lpm
 from lib_ti.hostinfo import HostServices
-
-logger = logging.getLogger(__name__)
 
 
 def _parts() -> Any:
@@ -29,10 +26,7 @@ def freeze(m: Any) -> Callable[[], None]:
     """Load the UNet and text encoders, make their weights usable by autograd (values unchanged) and
     turn their ``requires_grad`` off; returns the function that turns it back on."""
     lpm.load_for_training(m)
-    count, restore = grad_safe.normal_weights(lpm.training_modules(m))
-    if count:
-        logger.info("replaced %d inference tensors of the model by normal tensors (same values)", count)
-    return restore
+    return grad_safe.trainable(lpm.training_modules(m))
 
 
 def _freeze() -> Callable[[], None]:

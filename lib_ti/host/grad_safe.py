@@ -73,6 +73,15 @@ def normal_weights(modules: list[nn.Module]) -> tuple[int, Callable[[], None]]:
     return count, restore
 
 
+def trainable(modules: list[nn.Module]) -> Callable[[], None]:
+    """:func:`normal_weights` for a training run or check (logging what it replaced); returns the
+    function that restores the ``requires_grad`` flags."""
+    count, restore = normal_weights(modules)
+    if count:
+        logger.info("replaced %d inference tensors of the model by normal tensors (same values)", count)
+    return restore
+
+
 def block_forward(
     self: Any, x: torch.Tensor, context: Any = None, transformer_options: Any = None
 ) -> torch.Tensor:

@@ -29,10 +29,6 @@ from lib_ti.parts import LatentDist, ModelParts
 logger = logging.getLogger(__name__)
 
 
-def is_ldm_patched_model(m: Any) -> bool:
-    return getattr(getattr(m, "forge_objects", None), "unet", None) is not None
-
-
 def unet_patcher(m: Any) -> Any:
     """The UNet's ModelPatcher without LoRA patches (``forge_objects_original``) when the model has it."""
     objs = getattr(m, "forge_objects_original", None) or m.forge_objects

@@ -45,21 +45,26 @@ def host(host_paths, tmp_path_factory):
         yield h
 
 
-def test_curly_expression_and_dynamic_prompts_variants(host):
+def same_image(host, expression: str, tag: str, inline_prompt: str, named_prompt: str) -> tuple[dict, str]:
+    """``inline_prompt`` (with the expression) and ``named_prompt`` (with ``{name}``, an embedding saved
+    from it) give the same image; returns the inline result and the salt both prompts end with."""
     salt = flow.unique()
-    name = flow.saved(host, "'cat'+'dog'", "dp")
-    inline = flow.txt2img(host, f"a photo of {{'cat'+'dog'}}, {{red|red}} {salt}")
-    named = flow.txt2img(host, f"a photo of {name}, red {salt}")
+    name = flow.saved(host, expression, tag)
+    inline = flow.txt2img(host, f"{inline_prompt} {salt}")
+    named = flow.txt2img(host, f"{named_prompt.format(name=name)} {salt}")
     assert flow.pixels(inline) == flow.pixels(named)
+    return inline, salt
+
+
+def test_curly_expression_and_dynamic_prompts_variants(host):
+    inline, salt = same_image(
+        host, "'cat'+'dog'", "dp", "a photo of {'cat'+'dog'}, {red|red}", "a photo of {name}, red"
+    )
     text = flow.info(inline)
     assert text.startswith(f"a photo of {{'cat'+'dog'}}, red {salt}\n"), text  # the prompt it generated
     assert "EmbeddingMerge: {'EM_1'}={'cat'+'dog'}" in text, text
 
 
 def test_expressions_inside_variants(host):
-    salt = flow.unique()
-    name = flow.saved(host, "'cat'*2", "dv")
-    inline = flow.txt2img(host, f"a {{<'cat'*2>|<'cat'*2>}} {salt}")
-    named = flow.txt2img(host, f"a {name} {salt}")
-    assert flow.pixels(inline) == flow.pixels(named)
+    inline, _ = same_image(host, "'cat'*2", "dv", "a {<'cat'*2>|<'cat'*2>}", "a {name}")
     assert "EmbeddingMerge: <'EM_1'>=<'cat'*2>" in flow.info(inline)
