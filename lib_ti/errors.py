@@ -33,3 +33,15 @@ class EmbeddingNotFound(NotFoundError):  # noqa: N818
 
 class JobNotFound(NotFoundError):  # noqa: N818
     """No job with that id."""
+
+
+class WriteFailed(TIError, OSError):  # noqa: N818
+    """A file could not be written (disk full, read-only folder, no permission); ``path`` names it.
+
+    The file that was there before is untouched and no temporary file is left behind.
+    """
+
+    def __init__(self, path: str, reason: str, errno: int | None = None) -> None:
+        super().__init__(f"could not write {path}: {reason}")
+        self.path = path
+        self.errno = errno

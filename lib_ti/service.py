@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, fields
@@ -18,7 +19,7 @@ from typing import Any
 
 from lib_ti.create import CreateArgs, create_embedding
 from lib_ti.embedding import Embedding
-from lib_ti.errors import EmbeddingExists, EmbeddingNotFound, TIError
+from lib_ti.errors import EmbeddingExists, EmbeddingNotFound, TIError, WriteFailed
 from lib_ti.hostinfo import HostServices
 from lib_ti.inline.plan import InlineEvaluator
 from lib_ti.io.atomic import atomic_write_bytes
@@ -40,6 +41,8 @@ from lib_ti.training.jobs import Job, JobManager
 from lib_ti.training.loading import load_dataset
 from lib_ti.training.options import TrainRequest, check
 from lib_ti.training.recipes import resolve
+from lib_ti.training.resume import SUFFIX as RESUME_SUFFIX
+from lib_ti.training.resume import ResumeInfo, check_info, read_info_file
 from lib_ti.training.schedule import LearningRateSchedule, ScheduleArgs
 from lib_ti.training.trainer import Progress, TrainArgs, TrainCallbacks, Trainer
 
@@ -71,6 +74,8 @@ class Service:
         self._nearest_cache: tuple[tuple[Any, ...], dict[str, NearestTokens]] | None = None
         #: results of expressions written in prompts (``<'cat'+'dog'>``), per merge context
         self.inline = InlineEvaluator()
+        #: one writer at a time in the embeddings folder (the name check and the write are one step)
+        self._write_lock = threading.Lock()
 
     # ------------------------------------------------------------------ files
     def folder(self) -> Path:
@@ -118,19 +123,30 @@ class Service:
             msg = f"unknown format {fmt!r} (one of {', '.join(SAVE_SUFFIX)})"
             raise TIError(msg)
         path = path_in_folder(self.folder(), emb.name, SAVE_SUFFIX[fmt])
-        others = [
-            p
-            for p in path.parent.glob(f"{emb.name}.*")
-            if p != path and p.suffix in SAVE_SUFFIX.values() and p.stem == emb.name
-        ]
-        if others and not overwrite:
-            msg = f"an embedding named {emb.name!r} already exists ({others[0].name}); allow overwriting or pick another name"
-            raise EmbeddingExists(msg)
-        self.folder().mkdir(parents=True, exist_ok=True)
-        out = write_embedding(emb, path, overwrite=overwrite)
-        self._write_sidecar(emb, out)
-        self.host.reload_embeddings()
+        with self._write_lock:
+            others = [
+                p
+                for p in path.parent.glob(f"{emb.name}.*")
+                if p != path and p.suffix in SAVE_SUFFIX.values() and p.stem == emb.name
+            ]
+            if others and not overwrite:
+                msg = f"an embedding named {emb.name!r} already exists ({others[0].name}); allow overwriting or pick another name"
+                raise EmbeddingExists(msg)
+            try:
+                self.folder().mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise WriteFailed(str(self.folder()), e.strerror or str(e), e.errno) from e
+            out = write_embedding(emb, path, overwrite=overwrite)
+            self._write_sidecar(emb, out)
+            self.host.reload_embeddings()
         return out
+
+    def _refuse_if_training(self, name: str) -> None:
+        """A create or merge must not replace the file a running job is training (409)."""
+        job = self.jobs.current
+        if job is not None and job.status.running and job.status.kind == "train" and job.status.name == name:
+            msg = f"{name!r} is being trained (job {job.id}); stop the run or pick another name"
+            raise EmbeddingExists(msg)
 
     @staticmethod
     def _write_sidecar(emb: Embedding, path: Path) -> None:
@@ -206,6 +222,7 @@ class Service:
         self, args: CreateArgs, *, overwrite: bool = False, fmt: str | None = None
     ) -> tuple[Path, list[str]]:
         # Reads token tables only: no GPU lock, so it works while a training run holds it.
+        self._refuse_if_training(args.name)
         parts = self.host.build_parts()
         result = create_embedding(args, self.vocabularies(parts))
         path = self.write(result.embedding, overwrite=overwrite, fmt=fmt)
@@ -246,6 +263,7 @@ class Service:
         return ctx
 
     def merge(self, expression: str, name: str, *, overwrite: bool = False, fmt: str | None = None) -> Path:
+        self._refuse_if_training(name)
         parts = self.host.build_parts()
         emb = merge_to_embedding(expression, self.merge_context(parts), name)
         return self.write(emb, overwrite=overwrite, fmt=fmt)
@@ -269,7 +287,67 @@ class Service:
         if isinstance(given, TrainRequest):
             check(given)
             return given
-        return resolve(given, self.loaded_kind(), self.host.get_option)
+        base = None
+        if given.get("resume") and isinstance(given.get("embedding"), str):
+            try:
+                info = self._resume_info(given["embedding"])
+            except TIError:
+                info = None  # check_training says why
+            base = info.settings if info is not None else None
+        return resolve(given, self.loaded_kind(), self.host.get_option, base)
+
+    # ------------------------------------------------------------------ resume files
+    def resume_file(self, name: str) -> Path:
+        """Where the resume file of ``name``'s runs is (it may not exist)."""
+        validate_name(name)
+        return Path(self.host.log_dir()) / name / f"{name}{RESUME_SUFFIX}"
+
+    def _resume_info(self, name: str) -> ResumeInfo | None:
+        """The resume file's account of ``name``'s last run, None without one; TIError if it is unreadable."""
+        path = self.resume_file(name)
+        return read_info_file(path) if path.is_file() else None
+
+    def unfinished_runs(self) -> dict[str, dict[str, Any]]:
+        """Embeddings with a run that did not reach its last step (stopped, or cut off by a crash):
+        {name: {step, steps, state, saved_at, model, settings}}, or {name: {error}} for a resume
+        file that cannot be read."""
+        out: dict[str, dict[str, Any]] = {}
+        root = Path(self.host.log_dir())
+        if not root.is_dir():
+            return out
+        for path in sorted(root.glob(f"*/*{RESUME_SUFFIX}")):
+            name = path.name[: -len(RESUME_SUFFIX)]
+            if path.parent.name != name:
+                continue
+            try:
+                info = read_info_file(path)
+            except TIError as e:
+                out[name] = {"error": str(e), "file": str(path)}
+                continue
+            if info.unfinished:
+                out[name] = {**info.to_dict(), "file": str(path)}
+        return out
+
+    def _check_resume(self, req: TrainRequest) -> None:
+        """A resume needs a readable resume file of this embedding, its model kind and vector layout;
+        TIError with the reason and how to start afresh instead."""
+        label = f"the resume file of {req.embedding}"
+        try:
+            info = self._resume_info(req.embedding)
+            if info is None:
+                msg = f"{req.embedding} has no unfinished run"
+                raise TIError(msg)
+            emb = read_embedding(self.find_embedding_file(req.embedding))
+            shapes = {k: list(v.shape) for k, v in emb.vectors.items()}
+            check_info(
+                info, name=req.embedding, kind=self.loaded_kind(), shapes=shapes, steps=req.steps, label=label
+            )
+        except TIError as e:
+            msg = (
+                f'cannot resume: {e}; untick Resume (or send "resume": false) to start a new run from '
+                "the embedding's current vectors"
+            )
+            raise TIError(msg) from None
 
     def check_training(self, given: Mapping[str, Any] | TrainRequest) -> TrainRequest:
         """Everything that can be checked before a job starts; raises TIError with the reason."""
@@ -279,6 +357,8 @@ class Service:
             msg = f"dataset folder {req.dataset_dir!r} does not exist"
             raise TIError(msg)
         self.find_embedding_file(req.embedding)
+        if req.resume:
+            self._check_resume(req)
         images, _ = scan_images(req.dataset_dir)
         if not images:
             msg = f"no images (png, jpg, jpeg, webp) in {req.dataset_dir}"
@@ -322,9 +402,12 @@ class Service:
         st = job.status
         timings = st.timings
         start = read_embedding(self.find_embedding_file(req.embedding))
-        log_dir = Path(self.host.log_dir()) / req.embedding
-        log_dir.mkdir(parents=True, exist_ok=True)
-        resume_path = log_dir / f"{req.embedding}.resume.safetensors"
+        resume_path = self.resume_file(req.embedding)
+        log_dir = resume_path.parent
+        try:
+            log_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise WriteFailed(str(log_dir), e.strerror or str(e), e.errno) from e
         if task_id:
             self.host.progress_queued(task_id)
         with self.host.exclusive():
@@ -366,12 +449,19 @@ class Service:
                 )
                 if self.host.preview is None:
                     args.preview_every = 0
-                resume = resume_path.read_bytes() if req.resume and resume_path.exists() else None
+                resume = resume_path.read_bytes() if req.resume else None
                 trainer = Trainer(
-                    parts, data, start, args, self._callbacks(job, req, log_dir, resume_path), resume
+                    parts,
+                    data,
+                    start,
+                    args,
+                    self._callbacks(job, req, log_dir, resume_path),
+                    resume,
+                    settings=asdict(req),
                 )
                 st.total = req.steps
                 st.step = trainer.step
+                st.resumed_from = trainer.step if req.resume else None
                 st.message = f"training on {len(data.items)} image(s): {data.describe()}"
                 result = trainer.run()
                 st.state = result.status
@@ -393,7 +483,7 @@ class Service:
                 st.snapshots.append(str(p))
                 return
             p = self.write(emb, overwrite=True, fmt=fmt)
-            if self.host.get_option("ti_pt_copy", False) and fmt != "pt":
+            if reason != "point" and self.host.get_option("ti_pt_copy", False) and fmt != "pt":
                 write_embedding(emb, log_dir / f"{emb.name}.pt", overwrite=True)
             st.file = str(p)
 

@@ -237,7 +237,7 @@ def test_progress_and_csv_log(image_folder, tmp_path):
         TrainCallbacks(progress=progress.append, save=lambda e, why: saved.append(why)),
     ).run()
     assert [p.step for p in progress] == [1, 2, 3]
-    assert set(result.timings) == {"steps", "validation", "saving", "previews"}
+    assert set(result.timings) == {"steps", "validation", "saving", "points", "previews"}
     assert result.timings["steps"] > 0 and result.timings["validation"] > 0 and result.timings["saving"] > 0
     assert result.timings["previews"] == 0
     assert progress[-1].eta_seconds == 0

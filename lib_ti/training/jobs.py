@@ -60,6 +60,8 @@ class JobStatus:
     ended: float | None = None
     #: what went wrong without ending the run (a preview the host could not make)
     warnings: list[str] = field(default_factory=list)
+    #: the step a resumed run continued from (None: a new run)
+    resumed_from: int | None = None
     #: seconds spent in each phase: startup, caching, steps, validation, saving, previews
     timings: dict[str, float] = field(default_factory=dict)
 

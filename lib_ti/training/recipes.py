@@ -1,18 +1,19 @@
 """Default training values per model kind (the recipe in docs/TRAINING.md), overridable in settings.
 
 Where a value of a run comes from, first match wins: the request (the tab's form, the REST body),
-the user's ``ti_default_*`` settings, the recipe of the loaded model's kind, :class:`TrainRequest`'s
+the settings of the run that a resume continues (kept in its resume file), the user's ``ti_default_*`` settings, the recipe of the loaded model's kind, :class:`TrainRequest`'s
 defaults (the SD1 recipe).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import fields
 from typing import Any
 
 from lib_ti.errors import TIError
-from lib_ti.training.options import OPTION_FIELDS, REQUIRED, TrainRequest, check, coerce
+from lib_ti.training.options import FIELD_TYPES, OPTION_FIELDS, REQUIRED, TrainRequest, check, coerce
 
 #: what differs from TrainRequest's defaults (the SD1 recipe: 5e-3 at effective batch 4, the
 #: paper's and A1111's value); ~3e-3 at effective batch 4 for SDXL.
@@ -37,6 +38,7 @@ OVERRIDES = {
 }
 
 GetOption = Callable[[str, Any], Any]
+logger = logging.getLogger(__name__)
 
 
 def _kind(kind: str) -> str:
@@ -84,9 +86,21 @@ def default_vectors(get_option: GetOption | None = None) -> int:
     return n if n > 0 else DEFAULT_VECTORS
 
 
-def resolve(given: Mapping[str, Any], kind: str, get_option: GetOption | None = None) -> TrainRequest:
-    """A complete, checked request: ``given`` values (coerced to their types) over the recipe."""
+def resolve(
+    given: Mapping[str, Any],
+    kind: str,
+    get_option: GetOption | None = None,
+    base: Mapping[str, Any] | None = None,
+) -> TrainRequest:
+    """A complete, checked request: ``given`` values (coerced to their types) over ``base`` (the
+    settings of the run a resume continues) over the recipe."""
     values = recipe_for(kind, get_option)
+    for name, value in (base or {}).items():
+        if name in FIELD_TYPES:
+            try:
+                values[name] = coerce(name, value)
+            except TIError as e:
+                logger.warning("ignoring the saved value of %s: %s", name, e)
     values.update({name: coerce(name, value) for name, value in given.items()})
     missing = [name for name in REQUIRED if not values.get(name)]
     if missing:

@@ -12,6 +12,7 @@ batch 2 x accumulation 2 on the same samples.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,11 +26,21 @@ import torch
 
 from lib_ti import __version__
 from lib_ti.embedding import Embedding
+from lib_ti.errors import WriteFailed
+from lib_ti.io.atomic import atomic_write_bytes
 from lib_ti.parts import ModelParts
 from lib_ti.training.dataset import TrainingData
 from lib_ti.training.errors import TrainingError
 from lib_ti.training.options import LrShape, NormControl, Optimizer
-from lib_ti.training.resume import Counters, dump_resume, load_resume
+from lib_ti.training.resume import (
+    POINT_EVERY_SECONDS,
+    POINT_EVERY_STEPS,
+    POINT_MAX_SHARE,
+    Counters,
+    RunState,
+    dump_resume,
+    load_resume,
+)
 from lib_ti.training.schedule import LearningRateSchedule, ScheduleArgs
 from lib_ti.training.streams import random_stream, stream
 from lib_ti.training.validation import ValidationSample, validation_samples
@@ -38,7 +49,11 @@ logger = logging.getLogger(__name__)
 
 Status = Literal["finished", "stopped", "early_stopped", "failed", "model_changed"]
 #: the parts of a run that TrainResult.timings measures (seconds)
-TIMED = ("steps", "validation", "saving", "previews")
+TIMED = ("steps", "validation", "saving", "points", "previews")
+#: what each reason of a save means for the resume file's run state (None: no resume file)
+_RESUME_STATE: dict[str, RunState | None] = {
+    "point": "running", "snapshot": "running", "stopped": "stopped", "final": "finished", "failed": None,
+}  # fmt: skip
 
 
 @dataclass
@@ -70,6 +85,10 @@ class TrainArgs:
     #: stop when the validation loss has not improved for this many validations (0: never)
     early_stop_patience: int = 0
     snapshot_every: int = 0
+    #: automatic resume points (the embedding file and the resume file): every N steps ...
+    point_every: int = POINT_EVERY_STEPS
+    #: ... or after this many seconds, whichever first (0 and 0: none)
+    point_seconds: float = POINT_EVERY_SECONDS
     preview_every: int = 0
     seed: int = 0
     gradient_checkpointing: bool = False
@@ -94,7 +113,8 @@ class Progress:
 
 @dataclass
 class TrainCallbacks:
-    #: (embedding, reason) -> where it was written; reasons: "snapshot", "final", "stopped", "failed", "best"
+    #: (embedding, reason) -> where it was written; reasons: "point" (an automatic resume point),
+    #: "snapshot", "final", "stopped", "failed"
     save: Callable[[Embedding, str], Any] | None = None
     progress: Callable[[Progress], None] | None = None
     preview: Callable[[Embedding, int], None] | None = None
@@ -102,6 +122,15 @@ class TrainCallbacks:
     should_stop: Callable[[], bool] | None = None
     #: resume state (bytes) to keep; None: not kept
     save_resume: Callable[[bytes], None] | None = None
+
+
+@dataclass
+class _Points:
+    """When the last automatic resume point was written and what it cost."""
+
+    step: int
+    at: float = field(default_factory=time.perf_counter)
+    cost: float = 0.0
 
 
 @dataclass
@@ -157,8 +186,11 @@ class Trainer:
         args: TrainArgs,
         callbacks: TrainCallbacks | None = None,
         resume: bytes | None = None,
+        settings: dict[str, Any] | None = None,
     ) -> None:
+        """``settings``: the request the run was started with, kept in the resume file."""
         self.parts = parts
+        self.settings = dict(settings or {})
         self.data = dataset
         self.args = args
         self.cb = callbacks or TrainCallbacks()
@@ -206,6 +238,9 @@ class Trainer:
         )
         if resume is not None:
             self._load_resume(resume)
+        self._points = _Points(self.step)
+        #: the step of the last resume file written (or resumed from)
+        self._resume_step = self.step
 
     # ------------------------------------------------------------------ setup
     def _check_args(self) -> None:
@@ -237,27 +272,43 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train to ``args.steps``; a stop request, a model change, early stop or NaN ends it sooner."""
         pace = _Pace(self.step)
-        with self._gradient_checkpointing(), _CsvLog(self._log_path(), self.trained) as log:
-            try:
-                if self.step == 0 and self._validation:
-                    self._validate()
-                while self.step < self.args.steps:
-                    self._end_if_interrupted()
-                    with self._timed("steps"):
-                        group = self._group(self.step)
-                        backup = self._copy_vectors()
-                        loss = self._backward(group, backup)
-                        lr = self._optimizer_step(backup)
-                    self.step += 1
-                    pace.images += len(group)
-                    self._track_loss(loss)
-                    val_loss = self._validate_when_due()
-                    self._report(log, pace, loss, lr, val_loss)
-                    self._snapshot_and_preview_when_due()
-                self._save("final")
-                return self._result("finished", f"finished {self.step} steps")
-            except _RunEnded as end:
-                return end.result
+        self._points = _Points(self.step)
+        log_path = self._log_path()
+        try:
+            with self._gradient_checkpointing(), _CsvLog(log_path, self.trained, self.step) as log:
+                return self._loop(log, pace)
+        except WriteFailed as e:
+            if self._resume_step:
+                kept = f"the files of step {self._resume_step} are kept and resuming continues from there"
+            else:
+                kept = "nothing of this run was saved; the embedding file is as it was"
+            msg = f"{e}; training stopped at step {self.step}; {kept}"
+            logger.error("%s: %s", self.name, msg)
+            return self._result("failed", msg)
+
+    def _loop(self, log: _CsvLog, pace: _Pace) -> TrainResult:
+        """The steps, from the current one to the last, and the final save."""
+        try:
+            if self.step == 0 and self._validation:
+                self._validate()
+            while self.step < self.args.steps:
+                self._end_if_interrupted()
+                with self._timed("steps"):
+                    group = self._group(self.step)
+                    backup = self._copy_vectors()
+                    loss = self._backward(group, backup)
+                    lr = self._optimizer_step(backup)
+                self.step += 1
+                pace.images += len(group)
+                self._track_loss(loss)
+                val_loss = self._validate_when_due()
+                self._report(log, pace, loss, lr, val_loss)
+                self._snapshot_and_preview_when_due()
+                self._point_when_due()
+            self._save("final")
+            return self._result("finished", f"finished {self.step} steps")
+        except _RunEnded as end:
+            return end.result
 
     def _backward(self, group: list[int], backup: dict[str, torch.Tensor]) -> float:
         """Accumulate the gradients of one optimizer step over its micro-batches; the summed loss."""
@@ -341,6 +392,24 @@ class Trainer:
             with self._timed("previews"):
                 self.cb.preview(self.current_embedding(), self.step)
 
+    def _point_when_due(self) -> None:
+        """An automatic resume point: the embedding file and the resume file, every ``point_every``
+        steps or ``point_seconds`` seconds, but never more often than keeps their cost under
+        :data:`POINT_MAX_SHARE` of the time (a slow disk or host reload spaces them out)."""
+        a, pt = self.args, self._points
+        if self.step >= a.steps or (a.point_every <= 0 and a.point_seconds <= 0):
+            return
+        since = time.perf_counter() - pt.at
+        due = (a.point_every > 0 and self.step - pt.step >= a.point_every) or (
+            a.point_seconds > 0 and since >= a.point_seconds
+        )
+        if not due or since < pt.cost / POINT_MAX_SHARE:
+            return
+        start = time.perf_counter()
+        self._save("point", part="points")
+        end = time.perf_counter()
+        self._points = _Points(self.step, end, end - start)
+
     # ------------------------------------------------------------------ ending a run
     def _end_if_interrupted(self) -> None:
         """Save and end the run on a stop request or when the host unloaded the model."""
@@ -409,12 +478,17 @@ class Trainer:
         vectors: dict[str, torch.Tensor] | None = None,
         step: int | None = None,
         resume: bool = True,
+        part: str = "saving",
     ) -> None:
-        with self._timed("saving"):
+        """Save the embedding (and the resume file) for ``reason``; the time counts to ``part``."""
+        state = _RESUME_STATE.get(reason)
+        with self._timed(part):
+            # the resume file first: if the embedding's write fails, the run can still go on from it
+            if resume and state is not None and self.cb.save_resume is not None and vectors is None:
+                self.cb.save_resume(self.resume_bytes(state))
+                self._resume_step = self.step
             if self.cb.save is not None:
                 self.cb.save(self.current_embedding(vectors, step), reason)
-            if resume and self.cb.save_resume is not None and vectors is None:
-                self.cb.save_resume(self.resume_bytes())
 
     # ------------------------------------------------------------------ data order
     def _epoch_groups(self, epoch: int) -> list[list[int]]:
@@ -596,16 +670,21 @@ class Trainer:
         return {k: [float(x) for x in v.detach().norm(dim=1)] for k, v in self.vectors.items()}
 
     # ------------------------------------------------------------------ resume
-    def resume_bytes(self) -> bytes:
+    def resume_bytes(self, state: RunState = "running") -> bytes:
         """Vectors, optimizer state and counters; safetensors (no pickle)."""
+        best = None if self.best is None else (self.best.step, self.best.loss, self.best.vectors)
         return dump_resume(
             name=self.name,
             vectors=self.vectors,
             optimizer=self.optimizer,
-            counters=Counters(self.step, self.loss_smooth, self.val_losses),
+            counters=Counters(self.step, self.loss_smooth, self.val_losses, best),
             args=asdict(self.args),
             model_hash=self.parts.model_hash,
             trained=self.trained,
+            kind=self.parts.kind,
+            state=state,
+            settings=self.settings,
+            model_name=self.parts.model_name,
         )
 
     def _load_resume(self, data: bytes) -> None:
@@ -622,16 +701,24 @@ class Trainer:
             counters.loss_smooth,
             counters.val_losses,
         )
+        if counters.best is not None:
+            step, loss, vectors = counters.best
+            self.best = _Best(loss, vectors, step)
 
 
 class _CsvLog:
     """The per-step CSV log (appended to; a no-op without a path)."""
 
-    def __init__(self, path: Path | None, keys: Sequence[str]) -> None:
+    def __init__(self, path: Path | None, keys: Sequence[str], resumed_at: int = 0) -> None:
+        """``resumed_at``: a resumed run's first step - 1; rows after it (logged by the run before
+        a crash, after its last resume point) are dropped so the log reads as one run."""
         self.keys = list(keys)
         self.file = None
+        self.path = path
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if resumed_at and path.exists():
+                _drop_rows_after(path, resumed_at)
             new = not path.exists()
             self.file = open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115
             self.writer = csv.writer(self.file)
@@ -658,6 +745,12 @@ class _CsvLog:
         self.close()
 
     def write(self, p: Progress) -> None:
+        try:
+            self._write(p)
+        except OSError as e:
+            raise WriteFailed(str(self.path), e.strerror or str(e), e.errno) from e
+
+    def _write(self, p: Progress) -> None:
         if self.file is None:
             return
         norms = [f"{sum(p.norms[k]) / len(p.norms[k]):.5f}" for k in self.keys]
@@ -680,3 +773,15 @@ class _CsvLog:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Keep the header and the rows of steps up to ``step`` of a CSV log (rewritten atomically)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    kept = [r for i, r in enumerate(rows) if i == 0 or not r or not r[0].isdigit() or int(r[0]) <= step]
+    if len(kept) == len(rows):
+        return
+    out = io.StringIO()
+    csv.writer(out).writerows(kept)
+    atomic_write_bytes(path, out.getvalue().encode("utf-8"))

@@ -1,25 +1,28 @@
 """REST routes under ``/ti/v1`` (FastAPI; pydantic 1 on A1111, 2 on Forge), with the host API's auth.
 
-Bodies are strict: an unknown field or a value outside a field's set is a 422 naming the field (and
-the allowed values); the names older clients used are accepted through :data:`TRAIN_ALIASES`, and two
-names for one field with different values are a 400. Every error body is ``{"detail": "..."}``.
-``GET /ti/v1/schema`` gives the JSON schema of each body.
+Bodies are strict: a body that is not JSON is a 400, an unknown field or a value outside a field's
+set is a 422 naming the field (and the allowed values), text longer than :data:`MAX_TEXT` a 422 and
+a body over :data:`MAX_BODY_BYTES` a 413; the names older clients used are accepted through
+:data:`TRAIN_ALIASES`, and two names for one field with different values are a 400. Every error body
+is ``{"detail": "..."}``. ``GET /ti/v1/schema`` gives the JSON schema of each body.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import json
 import logging
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, fields
 from typing import Any, Literal, Optional, Union
 
-from fastapi import Body, Depends, FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, ValidationError, create_model
+from starlette.concurrency import run_in_threadpool
 
 from lib_ti.create import CreateArgs, InitMode
 from lib_ti.errors import EmbeddingExists, JobNotFound, NotFoundError, TIError
@@ -40,6 +43,9 @@ SaveFormat = Literal["safetensors", "pt"]
 TRAIN_ALIASES = {"dataset": "dataset_dir", "learning_rate": "lr", "save_every": "snapshot_every"}
 #: ``width`` and ``height`` (given together) stand for ``resolution`` = sqrt(width x height), rounded to 64
 SIZE_FIELDS = ("width", "height")
+#: the largest body a route reads (bytes) and the longest text a field takes (characters)
+MAX_BODY_BYTES = 1 << 20
+MAX_TEXT = 10_000
 
 
 class ApiError(Exception):
@@ -143,7 +149,28 @@ def validate(model: type[BaseModel], data: Any) -> dict[str, Any]:
     except ValidationError as e:
         raise ApiError(422, "; ".join(_error_text(model, err, data) for err in e.errors())) from e
     values: dict[str, Any] = parsed.model_dump() if PYDANTIC_2 else parsed.dict()  # type: ignore[union-attr]
+    for name, value in values.items():
+        if isinstance(value, str) and len(value) > MAX_TEXT:
+            raise ApiError(422, f"{name} is {len(value)} characters long; the limit is {MAX_TEXT}")
     return values
+
+
+def parse_body(raw: bytes) -> Any:
+    """A request's JSON body; ApiError 413 when too large, 400 when empty or not JSON."""
+    if len(raw) > MAX_BODY_BYTES:
+        raise ApiError(413, f"the body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
+    if not raw.strip():
+        raise ApiError(400, "the body is empty; send a JSON object")
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the body is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ApiError(
+            400, f"the body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+        ) from None
+    except RecursionError:
+        raise ApiError(400, "the body nests too deeply") from None
 
 
 def train_fields(body: Any) -> dict[str, Any]:
@@ -270,9 +297,26 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
     def route(path: str, fn: Callable[..., Any], method: str) -> None:
         app.add_api_route(PREFIX + path, handled(fn), methods=[method], dependencies=deps)
 
+    def body_route(path: str, fn: Callable[[Any], Any], model: type[BaseModel]) -> None:
+        """A POST route whose JSON body we read ourselves, so that every error is ``{"detail": text}``."""
+        run = handled(fn)
+
+        async def endpoint(request: Request) -> Any:
+            try:
+                body = parse_body(await request.body())
+            except ApiError as e:
+                return error_response(e)
+            return await run_in_threadpool(run, body)
+
+        endpoint.__name__ = f"ti_{fn.__name__}"
+        schema = {"content": {"application/json": {"schema": _schema(model)}}, "required": True}
+        app.add_api_route(PREFIX + path, endpoint, methods=["POST"], dependencies=deps,
+                          openapi_extra={"requestBody": schema})  # fmt: skip
+
     def embeddings() -> Any:
         folder = service.folder()
         status = service.host.embedding_status()
+        runs = service.unfinished_runs()
         items: list[dict[str, Any]] = []
         for entry in list_files(folder):
             try:
@@ -281,7 +325,8 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
                 items.append({"file": entry.relpath, "error": str(e)})
                 continue
             items.append({"file": entry.relpath, "name": emb.name, "kind": emb.kind, "vectors": emb.num_vectors,
-                          "step": emb.step, "host": status.get(emb.name, "not loaded")})  # fmt: skip
+                          "step": emb.step, "host": status.get(emb.name, "not loaded"),
+                          "unfinished": runs.get(emb.name)})  # fmt: skip
         return {
             "folder": str(folder),
             "embeddings": items,
@@ -292,7 +337,7 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
     def inspect(name: str) -> Any:
         return describe(read_embedding(service.find_embedding_file(name)))
 
-    def inspect_post(body: dict = Body(...)) -> Any:  # noqa: B008
+    def inspect_post(body: Any) -> Any:
         b = validate(InspectBody, body)
         emb = read_embedding(service.find_embedding_file(b["name"]))
         out = describe(emb)
@@ -300,7 +345,7 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
             out["nearest"] = service.nearest(emb, int(b["nearest"]))
         return out
 
-    def create(body: dict = Body(...)) -> Any:  # noqa: B008
+    def create(body: Any) -> Any:
         b = validate(CreateBody, body)
         args = CreateArgs(b["name"], b["vectors"], b["init_mode"], b["init_text"], b["seed"])
         path, warnings = service.create(args, overwrite=b["overwrite"], fmt=b["format"])
@@ -308,19 +353,19 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
         return {"name": emb.name, "kind": emb.kind, "vectors": emb.num_vectors, "file": str(path),
                 "warnings": warnings}  # fmt: skip
 
-    def merge(body: dict = Body(...)) -> Any:  # noqa: B008
+    def merge(body: Any) -> Any:
         b = validate(MergeBody, body)
         path = service.merge(b["expression"], b["name"], overwrite=b["overwrite"], fmt=b["format"])
         emb = read_embedding(path)
         return {"name": emb.name, "kind": emb.kind, "vectors": emb.num_vectors, "file": str(path)}
 
-    def evaluate(body: dict = Body(...)) -> Any:  # noqa: B008
+    def evaluate(body: Any) -> Any:
         b = validate(EvaluateBody, body)
         if not 0 <= b["nearest"] <= 50:
             raise ApiError(400, f"nearest must be 0 to 50 (got {b['nearest']})")
         return service.evaluate(b["expression"], nearest=b["nearest"])
 
-    def train(body: dict = Body(...)) -> Any:  # noqa: B008
+    def train(body: Any) -> Any:
         job = service.start_training(train_fields(body))
         return JSONResponse(status_code=202, content={"job": job.id})
 
@@ -348,10 +393,10 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
     route("/schema", schema, "GET")
     route("/embeddings", embeddings, "GET")
     route("/inspect/{name}", inspect, "GET")
-    route("/inspect", inspect_post, "POST")
-    route("/create", create, "POST")
-    route("/merge", merge, "POST")
-    route("/evaluate", evaluate, "POST")
-    route("/train", train, "POST")
+    body_route("/inspect", inspect_post, InspectBody)
+    body_route("/create", create, CreateBody)
+    body_route("/merge", merge, MergeBody)
+    body_route("/evaluate", evaluate, EvaluateBody)
+    body_route("/train", train, TrainBody)
     route("/jobs/{job_id}", job_status, "GET")
     route("/jobs/{job_id}/stop", job_stop, "POST")
