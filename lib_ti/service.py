@@ -41,8 +41,8 @@ from lib_ti.training.jobs import Job, JobManager
 from lib_ti.training.loading import load_dataset
 from lib_ti.training.options import TrainRequest, check
 from lib_ti.training.recipes import resolve
+from lib_ti.training.resume import POINT_EVERY_STEPS, ResumeInfo, check_info, read_info_file
 from lib_ti.training.resume import SUFFIX as RESUME_SUFFIX
-from lib_ti.training.resume import ResumeInfo, check_info, read_info_file
 from lib_ti.training.schedule import LearningRateSchedule, ScheduleArgs
 from lib_ti.training.trainer import Progress, TrainArgs, TrainCallbacks, Trainer
 
@@ -124,13 +124,13 @@ class Service:
             raise TIError(msg)
         path = path_in_folder(self.folder(), emb.name, SAVE_SUFFIX[fmt])
         with self._write_lock:
-            others = [
+            existing = [
                 p
-                for p in path.parent.glob(f"{emb.name}.*")
-                if p != path and p.suffix in SAVE_SUFFIX.values() and p.stem == emb.name
+                for p in sorted(path.parent.glob(f"{emb.name}.*"))
+                if p.suffix in SAVE_SUFFIX.values() and p.stem == emb.name
             ]
-            if others and not overwrite:
-                msg = f"an embedding named {emb.name!r} already exists ({others[0].name}); allow overwriting or pick another name"
+            if existing and not overwrite:
+                msg = f"an embedding named {emb.name!r} already exists ({existing[0].name}); allow overwriting or pick another name"
                 raise EmbeddingExists(msg)
             try:
                 self.folder().mkdir(parents=True, exist_ok=True)
@@ -447,6 +447,7 @@ class Service:
                         log_dir=str(log_dir),
                     )
                 )
+                args.point_every = self._point_every()
                 if self.host.preview is None:
                     args.preview_every = 0
                 resume = resume_path.read_bytes() if req.resume else None
@@ -472,6 +473,15 @@ class Service:
                 restore_vae()
                 restore()
                 self.host.progress_end(task_id)
+
+    def _point_every(self) -> int:
+        """Steps between automatic resume points: the setting ``ti_resume_every`` (0: by time only)."""
+        value = self.host.get_option("ti_resume_every", POINT_EVERY_STEPS)
+        try:
+            steps = int(float(value))
+        except (TypeError, ValueError):
+            steps = -1
+        return steps if steps >= 0 else POINT_EVERY_STEPS
 
     def _callbacks(self, job: Job, req: TrainRequest, log_dir: Path, resume_path: Path) -> TrainCallbacks:
         st = job.status

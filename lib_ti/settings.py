@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lib_ti.training.resume import POINT_EVERY_SECONDS, POINT_EVERY_STEPS
+
 SECTION = ("ti", "Textual Inversion")
 
 
@@ -59,6 +61,13 @@ SETTINGS: tuple[Setting, ...] = (
         "Also write a .pt copy of each trained embedding into its log folder",
         "checkbox",
         info="for tools that read only A1111's .pt files; the embeddings folder keeps one file per name",
+    ),
+    Setting(
+        "ti_resume_every",
+        POINT_EVERY_STEPS,
+        f"Automatic resume point every N training steps (and every {POINT_EVERY_SECONDS / 60:g} minutes)",
+        "number",
+        info="the embedding and its resume file are saved there, so a crash loses at most the steps since; 0: by time only",
     ),
     Setting(
         "ti_preview_format",

@@ -90,7 +90,7 @@ def _check_entry(label: str, key: str, entry: Any, body: int) -> None:
         or not all(isinstance(o, int) for o in offsets)
         or not 0 <= offsets[0] <= offsets[1] <= body
     ):
-        msg = f"{label}: tensor {key!r} has data offsets {offsets!r} outside the file's {body} data bytes"
+        msg = f"{label}: tensor {key!r} has data offsets {offsets!r} outside the file's {body} data bytes (truncated or damaged)"
         raise EmbeddingFormatError(msg)
     if offsets[1] - offsets[0] != math.prod(shape) * _DTYPE_SIZES[dtype]:
         msg = f"{label}: tensor {key!r} of shape {shape} {dtype} does not match its {offsets[1] - offsets[0]} bytes"

@@ -7,6 +7,7 @@ the loaded model's kind, then the user's ``ti_default_*`` settings).
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
@@ -79,10 +80,19 @@ OPTION_FIELDS = tuple(f.name for f in fields(TrainRequest) if f.name not in REQU
 FIELD_TYPES: dict[str, Any] = typing.get_type_hints(TrainRequest)
 #: the bounds of the integer fields that have one
 MINIMUM = {"steps": 1, "batch_size": 1, "grad_accum": 1, "resolution": 64, "repeats": 1}
+#: the largest values: more only exhausts memory or time (a bucket side above 4096, a list of the images
+#: repeated), and seeds are 63-bit
+MAXIMUM = {"steps": 1_000_000, "resolution": 4096, "repeats": 1000, "seed": 2**63 - 1}
 
 
 def _type_name(kind: Any) -> str:
     return {int: "whole number", float: "number", bool: "boolean", str: "string"}.get(kind, str(kind))
+
+
+def _shown(value: Any) -> str:
+    """``value`` for a message: its repr, shortened when long."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:50]}…"
 
 
 def coerce(name: str, value: Any) -> Any:
@@ -96,22 +106,28 @@ def coerce(name: str, value: Any) -> Any:
         if allowed:
             value = "" if value is None else str(value)
             if value not in allowed:
-                msg = f"{name} must be one of {', '.join(allowed)} (got {value!r})"
+                msg = f"{name} must be one of {', '.join(allowed)} (got {_shown(value)})"
                 raise TIError(msg)
             return value
         if kind is bool:
             return bool(value)
         if kind is int:
+            if isinstance(value, int):  # exactly, however large (a float would round it)
+                return int(value)
             number = float(value or 0)
-            if number != int(number):
-                msg = f"{name} must be a whole number (got {value!r})"
+            if not math.isfinite(number) or number != int(number):
+                msg = f"{name} must be a whole number (got {_shown(value)})"
                 raise TIError(msg)
             return int(number)
         if kind is float:
-            return float(value or 0)
+            number = float(value or 0)
+            if not math.isfinite(number):
+                msg = f"{name} must be a finite number (got {_shown(value)})"
+                raise TIError(msg)
+            return number
         return "" if value is None else str(value).strip()
-    except (TypeError, ValueError) as e:
-        msg = f"{name} must be a {_type_name(kind)} (got {value!r})"
+    except (TypeError, ValueError, OverflowError) as e:
+        msg = f"{name} must be a {_type_name(kind)} (got {_shown(value)})"
         raise TIError(msg) from e
 
 
@@ -120,15 +136,19 @@ def check(req: TrainRequest) -> None:
     for name in FIELD_TYPES:
         value = getattr(req, name)
         if coerce(name, value) != value:
-            msg = f"{name} must be a {_type_name(FIELD_TYPES[name])} (got {value!r})"
+            msg = f"{name} must be a {_type_name(FIELD_TYPES[name])} (got {_shown(value)})"
             raise TIError(msg)
     for name, low in MINIMUM.items():
         if getattr(req, name) < low:
-            msg = f"{name} must be at least {low} (got {getattr(req, name)})"
+            msg = f"{name} must be at least {low} (got {_shown(getattr(req, name))})"
+            raise TIError(msg)
+    for name, high in MAXIMUM.items():
+        if getattr(req, name) > high:
+            msg = f"{name} must be at most {high} (got {_shown(getattr(req, name))})"
             raise TIError(msg)
     for name in ("warmup_steps", "keep_tags", "validation_every", "snapshot_every", "preview_every", "seed"):
         if getattr(req, name) < 0:
-            msg = f"{name} must not be negative (got {getattr(req, name)})"
+            msg = f"{name} must not be negative (got {_shown(getattr(req, name))})"
             raise TIError(msg)
     if not 0.0 <= req.tag_dropout < 1.0:
         msg = f"tag_dropout must be in [0, 1) (got {req.tag_dropout})"

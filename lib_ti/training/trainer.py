@@ -279,7 +279,7 @@ class Trainer:
                 return self._loop(log, pace)
         except WriteFailed as e:
             if self._resume_step:
-                kept = f"the files of step {self._resume_step} are kept and resuming continues from there"
+                kept = f"the last good files are kept and resuming continues from step {self._resume_step}"
             else:
                 kept = "nothing of this run was saved; the embedding file is as it was"
             msg = f"{e}; training stopped at step {self.step}; {kept}"

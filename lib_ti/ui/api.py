@@ -31,7 +31,7 @@ from lib_ti.io.library import list_files
 from lib_ti.service import Service
 from lib_ti.stats import embedding_stats
 from lib_ti.training.jobs import BusyError, JobStatus
-from lib_ti.training.options import FIELD_TYPES, REQUIRED, TrainRequest, choices
+from lib_ti.training.options import FIELD_TYPES, TrainRequest, choices
 
 logger = logging.getLogger(__name__)
 PREFIX = "/ti/v1"
@@ -95,14 +95,16 @@ class InspectBody(StrictBody):
 
 
 def _train_body() -> type[BaseModel]:
-    """The body of POST /ti/v1/train: TrainRequest's fields; all but the required ones may be left out
-    (then the loaded model's recipe and the user's settings decide)."""
+    """The body of POST /ti/v1/train: TrainRequest's fields; all but ``embedding`` and ``dataset_dir``
+    may be left out (then the loaded model's recipe and the user's settings decide; with ``resume``,
+    the settings of the run it continues, ``dataset_dir`` included)."""
     spec: dict[str, Any] = {}
     for f in fields(TrainRequest):
         kind = FIELD_TYPES[f.name]
         if kind is str and f.name == "lr":
             kind = Union[str, float]  # noqa: UP007 (a bare number is a rate too)
-        spec[f.name] = (kind, ...) if f.name in REQUIRED else (Optional[kind], None)  # noqa: UP045
+        # dataset_dir may be left out when resuming: the run's saved settings have it
+        spec[f.name] = (kind, ...) if f.name == "embedding" else (Optional[kind], None)  # noqa: UP045
     return create_model("TrainBody", __base__=StrictBody, **spec)
 
 
