@@ -36,7 +36,7 @@ from pathlib import Path
 
 from PIL import Image
 
-PHASES_OURS = ("startup", "caching", "steps", "validation", "saving", "previews", "rest")
+PHASES_OURS = ("startup", "caching", "steps", "validation", "saving", "points", "previews", "rest")
 PHASES_BUILTIN = ("startup", "caching", "steps", "saving")
 
 

@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 InitMode = Literal["text", "zeros", "random"]
 #: Above this many vectors per token embeddings overfit and eat the 75-token prompt budget.
 WARN_VECTORS = 16
+#: the largest seed of ``random`` (torch takes 64 bits; 63 keep it a positive int64 everywhere)
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -66,12 +68,23 @@ def init_random(vocab: Vocabulary, n: int, gen: torch.Generator) -> torch.Tensor
     return v / v.norm(dim=1, keepdim=True) * target
 
 
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:30]}…"
+
+
 def create_embedding(args: CreateArgs, vocabs: Mapping[str, Vocabulary]) -> CreateResult:
     """A new embedding with vectors for every encoder of the model (``vocabs``: key -> vocabulary)."""
     validate_name(args.name)
     n = args.num_vectors
     if not isinstance(n, int) or not 1 <= n <= MAX_VECTORS:
-        msg = f"vectors per token must be 1 to {MAX_VECTORS}, not {n}"
+        msg = f"vectors per token must be 1 to {MAX_VECTORS}, not {_shown(n)}"
+        raise TIError(msg)
+    seed = args.seed
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED
+    ):
+        msg = f"the seed must be a whole number from 0 to {MAX_SEED} (got {_shown(seed)})"
         raise TIError(msg)
     if not vocabs:
         msg = "no text encoder to create the embedding for"
@@ -97,7 +110,8 @@ def create_embedding(args: CreateArgs, vocabs: Mapping[str, Vocabulary]) -> Crea
     elif args.init_mode == "zeros":
         vectors = {key: torch.zeros(n, vocab.table_weight.shape[1]) for key, vocab in vocabs.items()}
     elif args.init_mode == "random":
-        seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)))
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,)))
         gen = torch.Generator().manual_seed(seed)
         vectors = {key: init_random(vocab, n, gen) for key, vocab in vocabs.items()}
     else:

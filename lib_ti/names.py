@@ -30,6 +30,13 @@ def validate_name(name: object) -> str:
     if bad:
         msg = f"embedding name contains a control character ({ord(bad[0]):#04x})"
         raise InvalidNameError(msg)
+    halves = [c for c in name if 0xD800 <= ord(c) <= 0xDFFF]
+    if halves:
+        msg = (
+            f"embedding name contains half of a UTF-16 surrogate pair ({ord(halves[0]):#06x}), which is "
+            "not text and cannot be a file name"
+        )
+        raise InvalidNameError(msg)
     if "/" in name or "\\" in name:
         msg = f"embedding name {name!r} contains a path separator ('/' or '\\')"
         raise InvalidNameError(msg)

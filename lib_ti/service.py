@@ -22,7 +22,7 @@ from lib_ti.embedding import Embedding
 from lib_ti.errors import EmbeddingExists, EmbeddingNotFound, TIError, WriteFailed
 from lib_ti.hostinfo import HostServices
 from lib_ti.inline.plan import InlineEvaluator
-from lib_ti.io.atomic import atomic_write_bytes
+from lib_ti.io.atomic import atomic_write_bytes, remove_temporaries
 from lib_ti.io.formats import (
     SAVE_SUFFIX,
     TENSOR_SUFFIXES,
@@ -61,6 +61,13 @@ def _shared_fields(req: TrainRequest, target: type, **converted: Any) -> dict[st
 
 def _nothing() -> None:
     return None
+
+
+def _cannot_resume(why: object) -> str:
+    return (
+        f'cannot resume: {why}; untick Resume (or send "resume": false) to start a new run from the '
+        "embedding's current vectors"
+    )
 
 
 class Service:
@@ -291,8 +298,12 @@ class Service:
         if given.get("resume") and isinstance(given.get("embedding"), str):
             try:
                 info = self._resume_info(given["embedding"])
-            except TIError:
+            except TIError as e:
+                if not given.get("dataset_dir"):
+                    raise TIError(_cannot_resume(e)) from None
                 info = None  # check_training says why
+            if info is None and not given.get("dataset_dir"):
+                raise TIError(_cannot_resume(f"{given['embedding']} has no unfinished run"))
             base = info.settings if info is not None else None
         return resolve(given, self.loaded_kind(), self.host.get_option, base)
 
@@ -343,11 +354,7 @@ class Service:
                 info, name=req.embedding, kind=self.loaded_kind(), shapes=shapes, steps=req.steps, label=label
             )
         except TIError as e:
-            msg = (
-                f'cannot resume: {e}; untick Resume (or send "resume": false) to start a new run from '
-                "the embedding's current vectors"
-            )
-            raise TIError(msg) from None
+            raise TIError(_cannot_resume(e)) from None
 
     def check_training(self, given: Mapping[str, Any] | TrainRequest) -> TrainRequest:
         """Everything that can be checked before a job starts; raises TIError with the reason."""
@@ -408,6 +415,9 @@ class Service:
             log_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise WriteFailed(str(log_dir), e.strerror or str(e), e.errno) from e
+        for folder in (log_dir, self.folder()):  # what a run killed mid-write left behind
+            for p in remove_temporaries(folder, req.embedding):
+                logger.info("removed %s (a write cut short by a crash)", p)
         if task_id:
             self.host.progress_queued(task_id)
         with self.host.exclusive():

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+import torch
 
 from .test_api import make_service
 
@@ -48,7 +49,7 @@ PATH_TRICKS = ["../../x", "../" * 40 + "etc/passwd", "/etc/passwd", "..\\..\\x",
 UNKNOWN_KEYS = ["foo", "", " name", "Name", "NAME", "__proto__", "constructor", "k" * 2000, "\x00", "é", "\ud800",
                 "dataset", "learning_rate", "width", "height", "save_every", "expresion", "vector", "nearest "]  # fmt: skip
 #: the merge language's alphabet: values, operators, functions and characters it does not know
-EXPR_ATOMS = ["'cat'", "'subject'", "'a dog'", "''", "'''", "'", "'x''y'", "'subject,cat'", "'\x00'", "'😀'", "0",
+EXPR_ATOMS = ["'cat'", "'subject'", "'nan'", "'a dog'", "''", "'''", "'", "'x''y'", "'subject,cat'", "'\x00'", "'😀'", "0",
               "1", "2", "0.5", ".5", "1e308", "1e-308", "1e999", "3L", "0.5G", "2 L", "00", "000", "0000", "49407",
               "49408", "75", "76", "4096", "4097", "1.5.2", "2x", "avg", "mean", "lerp", "norm", "pool", "L", "G",
               "foo", "__import__", "x_y", "e"]  # fmt: skip
@@ -105,7 +106,11 @@ class Case:
     headers: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
-        body = "" if self.body is None else repr(self.body[:300]) + (f"... ({len(self.body)} bytes)" if len(self.body) > 300 else "")
+        body = (
+            ""
+            if self.body is None
+            else repr(self.body[:300]) + (f"... ({len(self.body)} bytes)" if len(self.body) > 300 else "")
+        )
         return f"[{self.kind}] {self.method} {self.url[:200]!r} {body}"
 
 
@@ -137,7 +142,7 @@ class Fuzzer:
     def name(self) -> str:
         r = self.rng.random()
         if r < 0.3:
-            name = "subject"
+            name = self.rng.choice(["subject", "subject", "subject", "nan"])
         elif r < 0.55:
             self.fresh += 1
             name = f"fz{self.rng.randrange(10**6)}"
@@ -166,7 +171,9 @@ class Fuzzer:
         """A mostly well-formed expression (so that some reach the evaluator)."""
         rng = self.rng
         if depth <= 0:
-            return rng.choice(["'cat'", "'subject'", "'a dog'", "1", "0.5", "2", "'cat',49407", "00", "-1", "1e308"])
+            return rng.choice(
+                ["'cat'", "'subject'", "'a dog'", "1", "0.5", "2", "'cat',49407", "00", "-1", "1e308"]
+            )
         a, b = self.grammar(depth - 1), self.grammar(depth - 1)
         return rng.choice([
             f"{a} {rng.choice('+-*/^')} {b}", f"({a})", f"-{a}", f"{a}[{rng.randint(-3, 3)}]", f"{a}[1:{rng.randint(-2, 80)}]",
@@ -212,7 +219,7 @@ class Fuzzer:
                                "1:2:3", "a", "", ",", "5e-3:" + "9" * 5000, self.text()])  # fmt: skip
         if name == "init_text":
             return rng.choice(["*", "a cat", "", " ", self.text()])
-        if "boolean" in spec.types and rng.random() < 0.7:
+        if "boolean" in spec.types:
             return rng.random() < 0.5
         if "integer" in spec.types:
             low, high = {"steps": (1, 3), "vectors": (1, 4), "nearest": (0, 8), "resolution": (64, 128),
@@ -228,7 +235,7 @@ class Fuzzer:
 
     def body(self, fields: list[str] | None = None) -> dict[str, Any]:
         """A plausible body: the required fields and a few optional ones."""
-        names = [n for n, s in self.specs.items() if s.required or self.rng.random() < 0.3]
+        names = [n for n, s in self.specs.items() if s.required or self.rng.random() < (0.9 if n == "dataset_dir" else 0.3)]
         return {n: self.valid(n, self.specs[n]) for n in (fields or names)}
 
     # ------------------------------------------------------------------ bodies
@@ -279,9 +286,9 @@ class Fuzzer:
         if r < 0.8:  # ASCII with \u escapes (lone surrogates come through as such); NaN and Infinity raw
             return json.dumps(body, allow_nan=True).encode()
         if r < 0.95:
-            return json.dumps(body, allow_nan=True, ensure_ascii=False, indent=self.rng.choice([None, 2])).encode(
-                "utf-8", "surrogatepass"
-            )
+            return json.dumps(
+                body, allow_nan=True, ensure_ascii=False, indent=self.rng.choice([None, 2])
+            ).encode("utf-8", "surrogatepass")
         return json.dumps(body, allow_nan=True).encode("utf-16")
 
     def wrong_type(self) -> dict[str, Any]:
@@ -295,7 +302,9 @@ class Fuzzer:
 
     def huge_string(self) -> dict[str, Any]:
         body = self.body()
-        body[self.rng.choice(list(self.specs) if self.rng.random() < 0.3 else self.string_fields())] = self.huge()
+        body[self.rng.choice(list(self.specs) if self.rng.random() < 0.3 else self.string_fields())] = (
+            self.huge()
+        )
         return body
 
     def path_trick(self) -> dict[str, Any]:
@@ -308,7 +317,9 @@ class Fuzzer:
     def unknown_key(self) -> dict[str, Any]:
         body = self.body()
         for _ in range(self.rng.randint(1, 3)):
-            body[self.rng.choice(UNKNOWN_KEYS)] = self.rng.choice(WRONG_TYPES + ["subject", str(self.data), 64])
+            body[self.rng.choice(UNKNOWN_KEYS)] = self.rng.choice(
+                WRONG_TYPES + ["subject", str(self.data), 64]
+            )
         return body
 
     def missing_key(self) -> dict[str, Any]:
@@ -324,7 +335,7 @@ class Fuzzer:
         key = self.rng.choice(list(self.specs))
         body[key] = "__deep__"
         depth = self.rng.choice([100, 500, 900, 950, 980, 990, 995, 1000, 1200, 5000])
-        opens = [self.rng.choice(['[', '{"a":']) for _ in range(depth)]
+        opens = [self.rng.choice(["[", '{"a":']) for _ in range(depth)]
         closes = "".join("]" if o == "[" else "}" for o in reversed(opens))
         value = "".join(opens) + self.rng.choice(['"x"', "1", "null"]) + closes
         return json.dumps(body).replace('"__deep__"', value, 1).encode()
@@ -352,7 +363,25 @@ class Fuzzer:
         if rng.random() < 0.3:
             body["save_every"] = rng.choice([1, 7, -1, 2**70, "x", None])
         if rng.random() < 0.6:
-            edge = [64, 512, 63, 0, -64, 1e308, INF, -INF, NAN, 10**200, 2**70, "512", "x", None, True, [64], 64.5]
+            edge = [
+                64,
+                512,
+                63,
+                0,
+                -64,
+                1e308,
+                INF,
+                -INF,
+                NAN,
+                10**200,
+                2**70,
+                "512",
+                "x",
+                None,
+                True,
+                [64],
+                64.5,
+            ]
             for key in rng.sample(["width", "height"], rng.randint(1, 2)):
                 body[key] = rng.choice(edge)
         if rng.random() < 0.2:
@@ -360,7 +389,9 @@ class Fuzzer:
         return body
 
     def non_object(self) -> bytes:
-        value = self.rng.choice([[], [self.body()], 1, -1.5, "subject", None, True, 10**400, NAN, INF, [[[[]]]]])
+        value = self.rng.choice(
+            [[], [self.body()], 1, -1.5, "subject", None, True, 10**400, NAN, INF, [[[[]]]]]
+        )
         return json.dumps(value, allow_nan=True).encode()
 
     def malformed(self) -> bytes:
@@ -488,6 +519,13 @@ def fuzz_run(tmp_path, monkeypatch):
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     service, data = make_service(root, "sd1")
+    # files the listing and the readers must also answer for: a name in another encoding, and vectors
+    # that are not finite
+    emb = Path(service.host.embeddings_dir())
+    (emb / os.fsdecode(b"odd\xff.safetensors")).write_bytes(b"not an embedding")
+    from safetensors.torch import save_file
+
+    save_file({"emb_params": torch.full((2, 768), float("nan"))}, str(emb / "nan.safetensors"))
     app = FastAPI()
     add_routes(app, service)
     app.add_exception_handler(Exception, _server_error)
@@ -520,7 +558,9 @@ def _leaked(before: dict[Path, set[str]], used: set[str]) -> list[str]:
     return found
 
 
-def _check_folders(run: Run, fuzzer: Fuzzer, data_before: dict[str, bytes], watched: dict[Path, set[str]]) -> None:
+def _check_folders(
+    run: Run, fuzzer: Fuzzer, data_before: dict[str, bytes], watched: dict[Path, set[str]]
+) -> None:
     emb, logs = Path(run.service.host.embeddings_dir()), Path(run.service.host.log_dir())
     outside = [str(p) for p in run.root.rglob("*") if p.is_file() and not any(
         p.is_relative_to(f) for f in (emb, logs, run.data))]  # fmt: skip

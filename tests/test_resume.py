@@ -83,7 +83,13 @@ def test_points_update_the_embedding_and_the_resume_file(root, every_point):
     service = cw.service(root, point_every=2)
     new(service, "pts")
     seen = steps_of_reloads(service, "pts")
+    (root / "logs" / "pts").mkdir()
+    left = [root / "embeddings" / ".pts.safetensors.k1l2.tmp", root / "logs" / "pts" / ".pts.csv.x.tmp"]
+    other = root / "embeddings" / ".ptsx.safetensors.k1l2.tmp"
+    for p in (*left, other):
+        p.write_bytes(b"half a file a killed run left")
     st = service.start_training(request(root, "pts", 5), background=False).status
+    assert not any(p.exists() for p in left) and other.exists()  # only this embedding's are removed
     assert st.state == "finished", st.message
     assert seen == [2, 4, 5]  # the name in prompts follows the points, then the final vectors
     info = read_info_file(service.resume_file("pts"))

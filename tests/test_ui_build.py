@@ -109,6 +109,7 @@ def sample_args(host) -> dict[str, object]:
         "embedding": "one",
         "form_kind": "sd1",
         "job_id": "",
+        "task_id": "",
         "upload": str(host.embeddings_dir() + "/one.safetensors"),
     }
 
@@ -157,7 +158,7 @@ def test_tab_builds_and_every_handler_matches_its_wiring(host):
         "MergeHandlers.preview", "MergeHandlers.save",
         "TrainHandlers.refresh", "TrainHandlers.check_lr", "TrainHandlers.template_preview",
         "TrainHandlers.apply_recipe", "TrainHandlers.start", "TrainHandlers.watch", "TrainHandlers.stop",
-        "TrainHandlers.current",
+        "TrainHandlers.current", "TrainHandlers.unfinished", "TrainHandlers.resume",
         "InspectHandlers.describe", "InspectHandlers.describe_upload", "InspectHandlers.refresh",
         "InspectHandlers.compare", "InspectHandlers.save_as",
     }  # fmt: skip
@@ -175,7 +176,10 @@ def test_tab_builds_and_every_handler_matches_its_wiring(host):
         if n_out > 1:
             assert isinstance(result, tuple), fn.__qualname__
             assert len(result) == n_out, (fn.__qualname__, len(result), n_out)
-        assert "⚠" not in str(result), (fn.__qualname__, result)
+        if fn.__qualname__ == "TrainHandlers.resume":  # nothing to resume here (or a run is busy)
+            assert "no unfinished run" in str(result) or "busy" in str(result), result
+        else:
+            assert "⚠" not in str(result), (fn.__qualname__, result)
         called.add(fn.__qualname__)
     assert "TrainHandlers.start" in called
     job = host.extra["service"].jobs.current
@@ -303,8 +307,23 @@ def test_train_view_runs_follows_and_stops_a_job(host, folder, tmp_path):
     assert "Stopping" in h.stop(job3)
     final = list(h.watch(job3))[-1][0]
     assert "stopped" in final
-    assert 1 <= read_embedding(folder / "one.safetensors").step < 500
+    stopped_at = read_embedding(folder / "one.safetensors").step
+    assert 1 <= stopped_at < 500
     assert h.stop(job3) == "No training is running."
+    # the unfinished run is shown with a Resume button that continues it with its own settings
+    note, button = h.unfinished("one")
+    assert f"Unfinished run of one**: stopped at step **{stopped_at}/500**" in note and "lr `5e-3`" in note
+    assert button["visible"] is True
+    assert h.unfinished("two") == ("", gr.update(visible=False))
+    job4, status = h.resume("", "one")
+    assert job4, status
+    job = host.extra["service"].jobs.get(job4)
+    while job.status.step <= stopped_at and job.status.running:
+        time.sleep(0.05)
+    h.stop(job4)
+    list(h.watch(job4))
+    assert job.status.resumed_from == stopped_at and job.status.losses[0][0] == stopped_at + 1
+    assert "no unfinished run" in h.resume("", "two")[1]
 
 
 def test_train_request_from_the_form(host):

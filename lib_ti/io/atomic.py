@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import tempfile
 from collections.abc import Callable
@@ -66,6 +67,16 @@ def _link_new(tmp_name: str, target: Path) -> None:
         if target.exists():
             raise _exists(target) from None
         os.replace(tmp_name, target)
+
+
+def remove_temporaries(folder: Path, name: str) -> list[Path]:
+    """Remove the temporary files a killed writer left for the files ``name.*`` in ``folder``."""
+    removed = []
+    for p in folder.glob(f".{glob.escape(name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            p.unlink()
+            removed.append(p)
+    return removed
 
 
 def _exists(target: Path) -> EmbeddingExists:

@@ -7,7 +7,11 @@ the loaded model's kind, then the user's ``ti_default_*`` settings).
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import re
+import sys
 import typing
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
@@ -89,7 +93,7 @@ def _type_name(kind: Any) -> str:
     return {int: "whole number", float: "number", bool: "boolean", str: "string"}.get(kind, str(kind))
 
 
-def _shown(value: Any) -> str:
+def short_repr(value: Any) -> str:
     """``value`` for a message: its repr, shortened when long."""
     text = repr(value)
     return text if len(text) <= 60 else f"{text[:50]}…"
@@ -106,7 +110,7 @@ def coerce(name: str, value: Any) -> Any:
         if allowed:
             value = "" if value is None else str(value)
             if value not in allowed:
-                msg = f"{name} must be one of {', '.join(allowed)} (got {_shown(value)})"
+                msg = f"{name} must be one of {', '.join(allowed)} (got {short_repr(value)})"
                 raise TIError(msg)
             return value
         if kind is bool:
@@ -116,18 +120,18 @@ def coerce(name: str, value: Any) -> Any:
                 return int(value)
             number = float(value or 0)
             if not math.isfinite(number) or number != int(number):
-                msg = f"{name} must be a whole number (got {_shown(value)})"
+                msg = f"{name} must be a whole number (got {short_repr(value)})"
                 raise TIError(msg)
             return int(number)
         if kind is float:
             number = float(value or 0)
             if not math.isfinite(number):
-                msg = f"{name} must be a finite number (got {_shown(value)})"
+                msg = f"{name} must be a finite number (got {short_repr(value)})"
                 raise TIError(msg)
             return number
         return "" if value is None else str(value).strip()
     except (TypeError, ValueError, OverflowError) as e:
-        msg = f"{name} must be a {_type_name(kind)} (got {_shown(value)})"
+        msg = f"{name} must be a {_type_name(kind)} (got {short_repr(value)})"
         raise TIError(msg) from e
 
 
@@ -136,20 +140,65 @@ def check(req: TrainRequest) -> None:
     for name in FIELD_TYPES:
         value = getattr(req, name)
         if coerce(name, value) != value:
-            msg = f"{name} must be a {_type_name(FIELD_TYPES[name])} (got {_shown(value)})"
+            msg = f"{name} must be a {_type_name(FIELD_TYPES[name])} (got {short_repr(value)})"
             raise TIError(msg)
     for name, low in MINIMUM.items():
         if getattr(req, name) < low:
-            msg = f"{name} must be at least {low} (got {_shown(getattr(req, name))})"
+            msg = f"{name} must be at least {low} (got {short_repr(getattr(req, name))})"
             raise TIError(msg)
     for name, high in MAXIMUM.items():
         if getattr(req, name) > high:
-            msg = f"{name} must be at most {high} (got {_shown(getattr(req, name))})"
+            msg = f"{name} must be at most {high} (got {short_repr(getattr(req, name))})"
             raise TIError(msg)
     for name in ("warmup_steps", "keep_tags", "validation_every", "snapshot_every", "preview_every", "seed"):
         if getattr(req, name) < 0:
-            msg = f"{name} must not be negative (got {_shown(getattr(req, name))})"
+            msg = f"{name} must not be negative (got {short_repr(getattr(req, name))})"
             raise TIError(msg)
     if not 0.0 <= req.tag_dropout < 1.0:
         msg = f"tag_dropout must be in [0, 1) (got {req.tag_dropout})"
         raise TIError(msg)
+    problem = path_problem(req.dataset_dir)
+    if problem:
+        msg = f"dataset_dir {problem}"
+        raise TIError(msg)
+
+
+@functools.cache
+def path_limits() -> tuple[int, int, str]:
+    """(longest path, longest file or folder name, their unit) on this system: POSIX counts the bytes
+    of the file-system encoding (Linux 4095 and 255, macOS 1023 and 255), Windows UTF-16 units."""
+    if os.name == "nt":
+        return 32_767, 255, "characters"
+    try:
+        path, name = os.pathconf("/", "PC_PATH_MAX") - 1, os.pathconf("/", "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        path, name = 1023, 255
+    return path, name, "bytes"
+
+
+def _size(text: str, unit: str) -> int:
+    if unit == "bytes":
+        return len(text.encode(sys.getfilesystemencoding(), "surrogateescape"))
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
+
+
+def path_problem(text: str) -> str | None:
+    """Why ``text`` can name no file or folder here (None: it may), as the end of a sentence: opening it
+    would fail with "file name too long" or "embedded null byte"."""
+    if "\x00" in text:
+        return "contains a NUL character, which no path can hold"
+    longest_path, longest_name, unit = path_limits()
+    try:
+        size = _size(text, unit)
+        if size > longest_path:
+            return f"is {size} {unit} long; paths here are at most {longest_path}"
+        for part in re.split(r"[\\/]", text):
+            size = _size(part, unit)
+            if size > longest_name:
+                return (
+                    f"has a name of {size} {unit} ({short_repr(part)}); file and folder names here are at "
+                    f"most {longest_name}"
+                )
+    except UnicodeEncodeError:
+        return "holds characters that this system cannot use in a path"
+    return None

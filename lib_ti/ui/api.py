@@ -13,13 +13,15 @@ import difflib
 import functools
 import json
 import logging
+import math
 import secrets
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, fields
 from typing import Any, Literal, Optional, Union
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, ValidationError, create_model
 from starlette.concurrency import run_in_threadpool
@@ -31,7 +33,7 @@ from lib_ti.io.library import list_files
 from lib_ti.service import Service
 from lib_ti.stats import embedding_stats
 from lib_ti.training.jobs import BusyError, JobStatus
-from lib_ti.training.options import FIELD_TYPES, TrainRequest, choices
+from lib_ti.training.options import FIELD_TYPES, MAXIMUM, TrainRequest, choices, short_repr
 
 logger = logging.getLogger(__name__)
 PREFIX = "/ti/v1"
@@ -46,6 +48,8 @@ SIZE_FIELDS = ("width", "height")
 #: the largest body a route reads (bytes) and the longest text a field takes (characters)
 MAX_BODY_BYTES = 1 << 20
 MAX_TEXT = 10_000
+#: the most nearest tokens a route lists per vector and encoder
+MAX_NEAREST = 50
 
 
 class ApiError(Exception):
@@ -133,19 +137,43 @@ def _error_text(model: type[BaseModel], err: Mapping[str, Any], given: Mapping[s
     name = loc[0] if loc else ""
     known = _field_names(model)
     if name and name not in known:
-        close = difflib.get_close_matches(name, [*known, *TRAIN_ALIASES], n=1)
+        close = difflib.get_close_matches(name, [*known, *TRAIN_ALIASES] if model is TrainBody else known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"unknown field {name!r}{hint}; the fields are: {', '.join(known)}"
     allowed = choices(_CHOICES.get(name))
     if allowed:
-        return f"{name} must be one of {', '.join(allowed)} (got {given.get(name)!r})"
+        return f"{name} must be one of {', '.join(allowed)} (got {short_repr(given.get(name))})"
     return f"{name}: {err.get('msg', 'invalid value')}" if name else str(err.get("msg", "invalid body"))
+
+
+def _surrogate(text: str) -> str | None:
+    """The first lone surrogate in ``text`` (JSON's ``\\ud800`` escapes can make them), None without one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return text[e.start]
+    return None
+
+
+def _check_values(model: type[BaseModel], data: Mapping[str, Any]) -> None:
+    """What the field checks do not catch: text that is not Unicode (a lone surrogate: no file name or
+    JSON answer can hold it) and numbers beyond a float's range (pydantic 1 fails on those); ApiError 422."""
+    known = _field_names(model)
+    for name, value in data.items():
+        if name not in known:
+            continue  # the model's check names it
+        if isinstance(value, str) and (bad := _surrogate(value)) is not None:
+            msg = f"{name} contains {bad!r}, half of a UTF-16 surrogate pair, which is not text; send the whole character"
+            raise ApiError(422, msg)
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
+            raise ApiError(422, f"{name} is too large a number ({len(str(abs(value)))} digits)")
 
 
 def validate(model: type[BaseModel], data: Any) -> dict[str, Any]:
     """``data`` checked against ``model``: every field's value, or ApiError 422."""
     if not isinstance(data, Mapping):
         raise ApiError(422, "the body must be a JSON object")
+    _check_values(model, data)
     try:
         parsed = model.model_validate(dict(data)) if PYDANTIC_2 else model.parse_obj(dict(data))  # type: ignore[attr-defined]
     except ValidationError as e:
@@ -173,6 +201,8 @@ def parse_body(raw: bytes) -> Any:
         ) from None
     except RecursionError:
         raise ApiError(400, "the body nests too deeply") from None
+    except ValueError:  # Python's limit on the digits of an integer (4300 by default)
+        raise ApiError(400, "the body is not valid JSON: it holds a number with too many digits") from None
 
 
 def train_fields(body: Any) -> dict[str, Any]:
@@ -200,10 +230,13 @@ def unalias(data: Mapping[str, Any]) -> dict[str, Any]:
             raise ApiError(422, f"{given[0]} needs {({'width': 'height', 'height': 'width'})[given[0]]} too")
         try:
             w, h = int(data["width"]), int(data["height"])
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise ApiError(422, "width and height must be whole numbers") from e
         if w < 64 or h < 64:
             raise ApiError(422, "width and height must be at least 64")
+        side = MAXIMUM["resolution"]
+        if w * h > side * side:
+            raise ApiError(422, f"width x height must be at most {side} x {side} pixels")
         res = max(64, round((w * h) ** 0.5 / 64) * 64)
         if data.get("resolution") is not None and data["resolution"] != res:
             msg = f"width x height gives resolution {res} but resolution is {data['resolution']}; send one"
@@ -260,6 +293,12 @@ def basic_auth(credentials: str | None) -> Callable[..., None] | None:
     return check
 
 
+def check_nearest(k: int) -> None:
+    """ApiError 400 unless ``k`` is 0 to :data:`MAX_NEAREST`."""
+    if not 0 <= k <= MAX_NEAREST:
+        raise ApiError(400, f"nearest must be 0 to {MAX_NEAREST} (got {short_repr(k)})")
+
+
 def http_status(e: Exception) -> int:
     """The HTTP status of an error, by its type."""
     if isinstance(e, ApiError):
@@ -271,24 +310,53 @@ def http_status(e: Exception) -> int:
     return 400
 
 
+def _utf8(text: str) -> str:
+    """``text`` as UTF-8 can carry it: a file name's bytes in another encoding (Python's surrogate
+    escapes) as ``\\xff``, a lone surrogate as ``\\ud800``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as JSON can carry it: NaN and infinities (a loss that diverged, a file's vectors) as
+    null, text as :func:`_utf8` gives it."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return _utf8(value)
+    if isinstance(value, Mapping):
+        return {_utf8(k) if isinstance(k, str) else k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
 def error_response(e: Exception) -> JSONResponse:
     content: dict[str, Any] = {"detail": e.detail if isinstance(e, ApiError) else str(e)}
     if isinstance(e, ApiError):
         content.update(e.extra)
     if isinstance(e, BusyError):
         content["job"] = e.job_id
-    return JSONResponse(status_code=http_status(e), content=content)
+    return JSONResponse(status_code=http_status(e), content=jsonable(content))
 
 
 def handled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Our errors as ``{"detail": ...}`` responses with the status of their type."""
+    """Our errors as ``{"detail": ...}`` responses with the status of their type; results made
+    :func:`jsonable`."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except (ApiError, TIError) as e:
             return error_response(e)
+        return result if isinstance(result, Response) else jsonable(result)
 
     return wrapper
 
@@ -341,6 +409,7 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
 
     def inspect_post(body: Any) -> Any:
         b = validate(InspectBody, body)
+        check_nearest(b["nearest"])
         emb = read_embedding(service.find_embedding_file(b["name"]))
         out = describe(emb)
         if b["nearest"] > 0:
@@ -363,8 +432,7 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
 
     def evaluate(body: Any) -> Any:
         b = validate(EvaluateBody, body)
-        if not 0 <= b["nearest"] <= 50:
-            raise ApiError(400, f"nearest must be 0 to 50 (got {b['nearest']})")
+        check_nearest(b["nearest"])
         return service.evaluate(b["expression"], nearest=b["nearest"])
 
     def train(body: Any) -> Any:

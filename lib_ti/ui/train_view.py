@@ -84,7 +84,7 @@ COMPONENTS: dict[str, Callable[..., Any]] = {
     "min_snr_gamma": _number("Min-SNR gamma (0: off)", "min_snr", whole=False),
     "noise_offset": _number("Noise offset", "noise_offset", whole=False),
     "seed": _number("Seed", "seed"),
-    "resume": _check("Resume the last stopped run of this embedding", "resume"),
+    "resume": _check("Resume the unfinished run of this embedding (with this form's settings)", "resume"),
     "cache_latents_on_disk": _check("Cache latents on disk", "cache_disk"),
 }  # fmt: skip
 #: where each field sits: rows of the main column, then rows of the Advanced accordion
@@ -144,6 +144,36 @@ def status_markdown(st: Any) -> str:
     if st.file and not st.running:
         lines.append(f"saved: `{Path(st.file).name}`")
     return "\n\n".join(lines)
+
+
+def _ago(seconds: float) -> str:
+    s = max(int(seconds), 0)
+    if s < 120:
+        return f"{s} s ago"
+    if s < 7200:
+        return f"{s // 60} min ago"
+    return f"{s // 3600} h ago" if s < 172800 else f"{s // 86400} days ago"
+
+
+def unfinished_markdown(name: str, run: dict[str, Any] | None, now: float | None = None) -> str:
+    """The note about ``name``'s unfinished run (stopped, or cut off when the web UI died); empty without one."""
+    if not run:
+        return ""
+    if "error" in run:
+        return (
+            f"⚠ **{html.escape(name)}** has a resume file that cannot be used: {html.escape(run['error'])}. "
+            "Train without *Resume* to start a new run (it replaces that file)."
+        )
+    how = "cut off (the web UI stopped)" if run["state"] == "interrupted" else "stopped"
+    when = _ago((now or time.time()) - float(run.get("saved_at") or 0))
+    cfg = run.get("settings") or {}
+    keys = ("lr", "batch_size", "grad_accum", "resolution", "dataset_dir")
+    settings = ", ".join(f"{k} `{html.escape(str(cfg[k]))}`" for k in keys if k in cfg)
+    model = f" on `{html.escape(str(run['model']))}`" if run.get("model") else ""
+    return (
+        f"⏸ **Unfinished run of {html.escape(name)}**: {how} at step **{run['step']}/{run['steps']}**, "
+        f"saved {when}{model}. Settings: {settings}. **Resume** continues it with those settings."
+    )
 
 
 def loss_plot(st: Any) -> str:
@@ -226,6 +256,31 @@ class TrainHandlers:
         lines = ["| image | a prompt it gets |", "|---|---|"]
         lines += [f"| `{html.escape(f)}` | {html.escape(p)} |" for f, p in rows]
         return "\n".join(lines)
+
+    def unfinished(self, embedding: str | None) -> tuple[str, Any]:
+        """The note about the embedding's unfinished run, and the Resume button shown when there is one."""
+        run = None
+        if embedding:
+            try:
+                run = self._service().unfinished_runs().get(embedding)
+            except (TIError, OSError) as e:
+                logger.warning("could not list unfinished runs: %s", e)
+        usable = bool(run) and "error" not in (run or {})
+        return unfinished_markdown(embedding or "", run), gr.update(visible=usable)
+
+    def resume(self, task_id: str, embedding: str | None) -> tuple[str, str]:
+        """Continue the embedding's unfinished run with the settings it had (its resume file's)."""
+        if not embedding:
+            return "", error_html("choose an embedding first")
+        try:
+            job = self._service().start_training(
+                {"embedding": embedding, "resume": True}, task_id=task_id or ""
+            )
+        except (TIError, ValueError) as e:
+            return "", error_html(e)
+        except Exception as e:
+            return "", model_error(e)
+        return job.id, status_markdown(job.status)
 
     def templates(self) -> list[str]:
         try:
@@ -329,6 +384,11 @@ def build(host: HostInfo, shown: Any = None) -> TrainHandlers:
                 made["embedding"] = COMPONENTS["embedding"](None)
                 refresh = gr.Button("🔄", elem_id="ti_train_refresh", elem_classes=["tool", "ti-tool"])
             model_note = gr.Markdown(elem_id="ti_train_model_note")
+            with gr.Row():
+                unfinished = gr.Markdown(elem_id="ti_train_unfinished")
+                resume = gr.Button(
+                    "Resume", visible=False, elem_id="ti_train_resume_run", variant="secondary"
+                )
             _rows(MAIN_ROWS, values, made, after, templates)
             with gr.Accordion("Advanced", open=False, elem_id="ti_train_advanced"):
                 _rows(ADVANCED_ROWS, values, made, after, templates)
@@ -367,9 +427,17 @@ def build(host: HostInfo, shown: Any = None) -> TrainHandlers:
     for box in (template, dataset, embedding):
         box.change(h.template_preview, inputs=[template, dataset, embedding], outputs=[extra["prompts"]])
     recipe.click(h.apply_recipe, outputs=[*options, form_kind, recipe_note])
+    embedding.change(h.unfinished, inputs=[embedding], outputs=[unfinished, resume])
+    resume.click(
+        h.resume, inputs=[task_id, embedding], outputs=[job_id, status], **js_kwargs("tiTrainStart")
+    ).then(h.watch, inputs=[job_id], outputs=live).then(
+        h.unfinished, inputs=[embedding], outputs=[unfinished, resume]
+    ).then(fn=None, **js_kwargs("tiRefreshCards"))
     train.click(h.start, inputs=[task_id, *form], outputs=[job_id, status], **js_kwargs("tiTrainStart")).then(
         h.watch, inputs=[job_id], outputs=live
-    ).then(fn=None, **js_kwargs("tiRefreshCards"))
+    ).then(h.unfinished, inputs=[embedding], outputs=[unfinished, resume]).then(
+        fn=None, **js_kwargs("tiRefreshCards")
+    )
     stop.click(h.stop, inputs=[job_id], outputs=[status])
     follow.click(h.current, outputs=[job_id]).then(h.watch, inputs=[job_id], outputs=live)
     return h

@@ -202,7 +202,8 @@ def running_host(
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=20)
         except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # a test may have killed it already
+                os.killpg(proc.pid, signal.SIGKILL)
         print(f"\n[host log: {log}]")
 
 
