@@ -7,6 +7,7 @@ tiny models through the same interface.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import random
@@ -36,10 +37,10 @@ from lib_ti.parts import ModelParts
 from lib_ti.text.nearest import NearestTokens, nearest_tokens
 from lib_ti.training.captions import builtin_templates, fill_template, load_template, read_caption
 from lib_ti.training.dataset import DataArgs
-from lib_ti.training.images import scan_images
+from lib_ti.training.images import check_folder, scan_images
 from lib_ti.training.jobs import Job, JobManager
 from lib_ti.training.loading import load_dataset
-from lib_ti.training.options import TrainRequest, check
+from lib_ti.training.options import TrainRequest, check, short_repr
 from lib_ti.training.recipes import resolve
 from lib_ti.training.resume import POINT_EVERY_STEPS, ResumeInfo, check_info, read_info_file
 from lib_ti.training.resume import SUFFIX as RESUME_SUFFIX
@@ -61,6 +62,13 @@ def _shared_fields(req: TrainRequest, target: type, **converted: Any) -> dict[st
 
 def _nothing() -> None:
     return None
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):  # a name too long for the system, a NUL
+        return False
 
 
 def _cannot_resume(why: object) -> str:
@@ -94,7 +102,7 @@ class Service:
             p = self.folder() / f"{name}{suffix}"
             if p.is_file():
                 return p
-        for p in sorted(self.folder().rglob(f"{name}.*")):
+        for p in sorted(self.folder().rglob(f"{glob.escape(name)}.*")):
             if p.is_file() and ".preview." not in p.name and p.suffix in TENSOR_SUFFIXES:
                 return p
         msg = f"no embedding named {name!r} in {self.folder()}"
@@ -360,10 +368,13 @@ class Service:
         """Everything that can be checked before a job starts; raises TIError with the reason."""
         req = self.train_request(given)
         validate_name(req.embedding)
-        if not Path(req.dataset_dir).is_dir():
-            msg = f"dataset folder {req.dataset_dir!r} does not exist"
-            raise TIError(msg)
+        check_folder(req.dataset_dir)
         self.find_embedding_file(req.embedding)
+        if req.train_encoders != "all":
+            keys = self.host.build_parts().prompt_encoder.keys
+            if req.train_encoders not in keys:
+                msg = f"train_encoders {req.train_encoders!r}: the loaded model's encoders are {', '.join(keys)}"
+                raise TIError(msg)
         if req.resume:
             self._check_resume(req)
         images, _ = scan_images(req.dataset_dir)
@@ -398,11 +409,11 @@ class Service:
         shipped = self.templates()
         if template in shipped:
             return load_template(shipped[template])
-        if Path(template).is_file():
-            return load_template(template)
         if "[name]" in template:
             return [line for line in template.splitlines() if line.strip()]
-        msg = f"unknown template {template!r}: one of {', '.join(sorted(shipped))}, a file, or lines with [name]"
+        if template.lower().endswith(".txt") and _is_file(template):
+            return load_template(template)
+        msg = f"unknown template {short_repr(template)}: one of {', '.join(sorted(shipped))}, a .txt file, or lines with [name]"
         raise TIError(msg)
 
     def _train(self, job: Job, req: TrainRequest, task_id: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def test_schema_route_lists_every_body_and_field(api):
     assert set(schema["bodies"]) == {"create", "merge", "evaluate", "inspect", "train"}
     train = schema["bodies"]["train"]
     assert set(train["properties"]) == set(FIELD_TYPES)
-    assert set(train["required"]) == {"embedding", "dataset_dir"}
+    assert set(train["required"]) == {"embedding"}  # dataset_dir may be left out when resuming
     assert schema["aliases"]["train"]["learning_rate"] == "lr"
     assert "bogus" not in str(train["properties"]["lr_shape"]) and "cosine" in str(
         train["properties"]["lr_shape"]
@@ -212,3 +213,133 @@ def test_evaluate_route_saves_nothing(api):
     assert r.status_code == 422 and "did you mean 'expression'" in r.json()["detail"]
     r = client.post("/ti/v1/evaluate", json={"expression": "'cat'", "nearest": 1000})
     assert r.status_code == 400 and "nearest must be 0 to 50" in r.json()["detail"]
+
+
+def test_numbers_json_cannot_hold_and_text_that_is_not_unicode_are_4xx_naming_the_field(api):
+    client, _, data = api
+    r = client.post("/ti/v1/evaluate", content=b'{"expression": "\'cat\'", "nearest": ' + b"9" * 5000 + b"}")
+    assert r.status_code == 400
+    assert r.json()["detail"] == "the body is not valid JSON: it holds a number with too many digits"
+    # beyond a float's range (pydantic 1 raised OverflowError on a float field)
+    body = {"embedding": "subject", "dataset_dir": str(data), "tag_dropout": 10**400}
+    r = client.post("/ti/v1/train", content=json.dumps(body))
+    assert r.status_code == 422
+    assert r.json()["detail"] == "tag_dropout is too large a number (the limit is ±1.8e+308)"
+    # JSON's \ud800 escapes make lone surrogates: no file name or answer can hold one
+    r = client.post("/ti/v1/evaluate", content=b'{"expression": "\'cat\' + \\ud800"}')
+    assert r.status_code == 422
+    assert (
+        r.json()["detail"]
+        == "expression contains '\\ud800', half of a UTF-16 surrogate pair, which is not text"
+    )
+    r = client.post("/ti/v1/create", content=b'{"name": "x\\udcff"}')
+    assert r.status_code == 422 and r.json()["detail"].startswith("name contains '\\udcff', half of")
+    r = client.post("/ti/v1/create", content=b'{"name": "x", "\\ud800": 1}')
+    assert r.status_code == 422 and r.json()["detail"].startswith("a field name contains '\\ud800'")
+
+
+def test_width_and_height_beyond_the_largest_resolution_are_422(api):
+    client, _, data = api
+    body = {"embedding": "subject", "dataset_dir": str(data)}
+    r = client.post("/ti/v1/train", content=json.dumps({**body, "width": 1e308, "height": 1e308}))
+    assert r.status_code == 422 and r.json()["detail"] == "width x height must be at most 4096 x 4096 pixels"
+    r = client.post("/ti/v1/train", content=json.dumps({**body, "width": float("inf"), "height": 512}))
+    assert r.status_code == 422 and r.json()["detail"] == "width and height must be whole numbers"
+
+
+def test_inspect_nearest_is_bounded_like_evaluate(api):
+    client, *_ = api
+    r = client.post("/ti/v1/inspect", json={"name": "subject", "nearest": 100_000})
+    assert r.status_code == 400 and r.json()["detail"] == "nearest must be 0 to 50 (got 100000)"
+    r = client.post("/ti/v1/inspect", json={"name": "subject", "nearest": 2})
+    assert r.status_code == 200 and len(r.json()["nearest"]["clip_l"][0]) == 2
+
+
+def test_older_names_are_suggested_only_on_train(api):
+    client, *_ = api
+    r = client.post("/ti/v1/evaluate", json={"expression": "'cat'", "dataset": "x"})
+    assert r.status_code == 422
+    assert r.json()["detail"] == "unknown field 'dataset'; the fields are: expression, nearest"
+
+
+def test_training_bounds_name_the_field(api):
+    client, service, data = api
+    body = {"embedding": "subject", "dataset_dir": str(data), "resolution": 64, "validation_every": 0}
+    cases = [
+        ({"steps": 10**7}, "steps must be at most 1000000 (got 10000000)"),
+        ({"resolution": 10**9}, "resolution must be at most 4096 (got 1000000000)"),
+        ({"repeats": 5000}, "repeats must be at most 1000 (got 5000)"),
+        ({"seed": 2**63}, "seed must be at most 9223372036854775807 (got 9223372036854775808)"),
+        ({"seed": -1}, "seed must not be negative (got -1)"),
+        ({"noise_offset": float("inf")}, "noise_offset must be a finite number (got inf)"),
+        ({"min_snr_gamma": float("nan")}, "min_snr_gamma must be a finite number (got nan)"),
+        ({"dataset_dir": "x\x00y"}, "dataset_dir contains a NUL character, which no path can hold"),
+        ({"dataset_dir": "a" * 300}, "dataset_dir has a name of 300 bytes ('" + "a" * 48 + "…'); file and folder names here are at most 255"),
+    ]  # fmt: skip
+    for given, detail in cases:
+        r = client.post("/ti/v1/train", content=json.dumps({**body, **given}))
+        assert (r.status_code, r.json()["detail"]) == (400, detail), given
+    assert service.jobs.current is None
+
+
+def test_coerce_takes_any_size_of_whole_number_and_no_infinity():
+    from lib_ti.errors import TIError
+    from lib_ti.training.options import coerce
+
+    assert coerce("seed", 2**70) == 2**70  # exactly (a float would round it); check() bounds it
+    with pytest.raises(TIError, match=r"^steps must be a whole number \(got inf\)$"):
+        coerce("steps", float("inf"))
+    with pytest.raises(TIError, match=r"^tag_dropout must be a number \(got 1000000000"):
+        coerce("tag_dropout", 10**400)
+
+
+def test_answers_json_cannot_hold_become_null_and_escapes(api):
+    """A diverged loss (NaN) in a job's status, and a file name in another encoding in the listing."""
+    import os
+
+    from lib_ti.training.jobs import Job
+
+    client, service, _ = api
+    job = Job("train-9-0", "train", "subject")
+    job.status.state, job.status.loss, job.status.losses = "failed", float("nan"), [(1, float("inf"))]
+    service.jobs.jobs[job.id] = job
+    r = client.get("/ti/v1/jobs/train-9-0")
+    assert r.status_code == 200 and r.json()["loss"] is None and r.json()["losses"] == [[1, None]]
+    (service.folder() / os.fsdecode(b"odd\xff.safetensors")).write_bytes(b"not an embedding")
+    r = client.get("/ti/v1/embeddings")
+    assert r.status_code == 200
+    assert "odd\\xff.safetensors" in [e["file"] for e in r.json()["embeddings"]]
+
+
+def test_requests_the_loaded_model_cannot_train_are_400(api, tmp_path):
+    client, service, data = api
+    body = {"embedding": "subject", "dataset_dir": str(data), "steps": 2, "resolution": 64}
+    r = client.post("/ti/v1/train", json={**body, "train_encoders": "clip_g"})
+    assert (
+        r.status_code == 400 and "train_encoders 'clip_g': the loaded model's encoders are clip_l" in r.text
+    )
+    (tmp_path / "secret.cfg").write_text("a photo of [name]")
+    r = client.post("/ti/v1/train", json={**body, "template": str(tmp_path / "secret.cfg")})
+    assert r.status_code == 400 and "a .txt file, or lines with [name]" in r.json()["detail"]
+
+
+def test_a_huge_folder_is_refused_before_it_is_walked(api, tmp_path, monkeypatch):
+    from lib_ti.training import images
+
+    client, service, data = api
+    monkeypatch.setattr(images, "MAX_FILES", 3)
+    for i in range(5):
+        (tmp_path / "many" / str(i)).mkdir(parents=True)
+        (tmp_path / "many" / str(i) / "x.png").write_bytes(b"")
+    r = client.post("/ti/v1/train", json={"embedding": "subject", "dataset_dir": str(tmp_path / "many")})
+    assert r.status_code == 400
+    assert (
+        "holds more than 3 files (sub-folders included); choose the folder of your training images" in r.text
+    )
+
+
+def test_names_with_glob_characters_find_only_themselves(api):
+    client, service, data = api
+    assert client.get("/ti/v1/inspect/subject").status_code == 200
+    r = client.get("/ti/v1/inspect/[s]ubject")
+    assert r.status_code == 404 and "no embedding named '[s]ubject'" in r.json()["detail"]

@@ -84,6 +84,13 @@ def test_warnings_and_errors():
         create_embedding(CreateArgs("x", 1, "text", "  "), vocabs)
     with pytest.raises(InvalidNameError):
         create_embedding(CreateArgs("../x", 1, "zeros"), vocabs)
+    # torch takes 64-bit seeds; 2**70 raised RuntimeError ("Overflow when unpacking long")
+    for seed in (2**70, -1, 2**63):
+        with pytest.raises(
+            TIError, match=r"^the seed must be a whole number from 0 to 9223372036854775807 \(got "
+        ):
+            create_embedding(CreateArgs("x", 1, "random", seed=seed), vocabs)
+    assert create_embedding(CreateArgs("x", 1, "random", seed=2**63 - 1), vocabs).embedding.num_vectors == 1
 
 
 def test_overwrite_only_when_asked(tmp_path):

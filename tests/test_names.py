@@ -23,6 +23,7 @@ def test_valid_names(name):
         ("a\\b", "path separator"),
         ("nul\x00byte", "control character"),
         ("tab\tname", "control character"),
+        ("half\ud800", "half of a UTF-16 surrogate pair"),
         ("what?", "not allowed in file names"),
         (" padded", "white space"),
         (".hidden", "starts or ends with '.'"),

@@ -145,7 +145,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(root):
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 300
-        while not resume_file.exists():
+        emb_file = root / "embeddings" / "crashed.safetensors"
+        while not resume_file.exists() or not read_embedding(emb_file).step:  # both files of the point
             assert proc.poll() is None, proc.stdout.read().decode()[-3000:] if proc.stdout else ""
             assert time.monotonic() < deadline, "no resume point within 300 s"
             time.sleep(0.02)

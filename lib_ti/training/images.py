@@ -57,13 +57,25 @@ def skip_reason(e: Exception) -> str:
     return text if isinstance(e, ValueError) else f"unreadable ({type(e).__name__}: {text})"
 
 
+#: the most files a training folder's walk looks at (a dataset is tens to thousands of images)
+MAX_FILES = 100_000
+
+
 def find_images(folder: str) -> tuple[list[tuple[str, Size]], list[str]]:
     """(path, displayed size) of the readable images under ``folder``, sorted by path, and the
     skipped files as ``"path: reason"``."""
     found: list[tuple[str, Size]] = []
     skipped: list[str] = []
     seen: set[str] = set()
+    count = 0
     for root, dirs, files in os.walk(folder, followlinks=True):
+        count += len(files)
+        if count > MAX_FILES:
+            msg = (
+                f"{folder} holds more than {MAX_FILES} files (sub-folders included); "
+                "choose the folder of your training images"
+            )
+            raise DataError(msg)
         real = os.path.realpath(root)
         if real in seen:  # a symlink loop
             dirs[:] = []
@@ -92,9 +104,13 @@ def check_folder(folder: str) -> str:
     if not folder:
         msg = "no training image folder was given"
         raise DataError(msg)
-    if not Path(folder).is_dir():
-        what = "is not a folder" if Path(folder).exists() else "does not exist"
-        msg = f"the training image folder {folder} {what}"
+    try:
+        is_dir, exists = Path(folder).is_dir(), Path(folder).exists()
+    except (OSError, ValueError) as e:  # no permission, a name too long, a NUL
+        msg = f"the training image folder {folder} cannot be used ({getattr(e, 'strerror', None) or e})"
+        raise DataError(msg) from None
+    if not is_dir:
+        msg = f"the training image folder {folder} {'is not a folder' if exists else 'does not exist'}"
         raise DataError(msg)
     return folder
 

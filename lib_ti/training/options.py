@@ -96,7 +96,9 @@ def _type_name(kind: Any) -> str:
 def short_repr(value: Any) -> str:
     """``value`` for a message: its repr, shortened when long."""
     text = repr(value)
-    return text if len(text) <= 60 else f"{text[:50]}…"
+    if len(text) <= 60:
+        return text
+    return repr(value[:48] + "…") if isinstance(value, str) else f"{text[:50]}…"
 
 
 def coerce(name: str, value: Any) -> Any:

@@ -484,7 +484,8 @@ class Trainer:
         state = _RESUME_STATE.get(reason)
         with self._timed(part):
             # the resume file first: if the embedding's write fails, the run can still go on from it
-            if resume and state is not None and self.cb.save_resume is not None and vectors is None:
+            # (always the run's current vectors: an early stop saves the best ones as the embedding)
+            if resume and state is not None and self.cb.save_resume is not None:
                 self.cb.save_resume(self.resume_bytes(state))
                 self._resume_step = self.step
             if self.cb.save is not None:

@@ -1,10 +1,13 @@
 """REST routes under ``/ti/v1`` (FastAPI; pydantic 1 on A1111, 2 on Forge), with the host API's auth.
 
 Bodies are strict: a body that is not JSON is a 400, an unknown field or a value outside a field's
-set is a 422 naming the field (and the allowed values), text longer than :data:`MAX_TEXT` a 422 and
-a body over :data:`MAX_BODY_BYTES` a 413; the names older clients used are accepted through
+set is a 422 naming the field (and the allowed values), text longer than :data:`MAX_TEXT`, text with
+a lone surrogate (``\\ud800``) and a number beyond a float's range a 422, and a body over
+:data:`MAX_BODY_BYTES` a 413; the names older clients used are accepted through
 :data:`TRAIN_ALIASES`, and two names for one field with different values are a 400. Every error body
-is ``{"detail": "..."}``. ``GET /ti/v1/schema`` gives the JSON schema of each body.
+is ``{"detail": "..."}``; in answers, NaN and infinities are null (:func:`jsonable`). ``GET
+/ti/v1/schema`` gives the JSON schema of each body. ``tests/test_api_fuzz.py`` sends each route a few
+hundred seeded malformed bodies and asserts a 4xx for each.
 """
 
 from __future__ import annotations
@@ -137,7 +140,8 @@ def _error_text(model: type[BaseModel], err: Mapping[str, Any], given: Mapping[s
     name = loc[0] if loc else ""
     known = _field_names(model)
     if name and name not in known:
-        close = difflib.get_close_matches(name, [*known, *TRAIN_ALIASES] if model is TrainBody else known, n=1)
+        names = [*known, *TRAIN_ALIASES] if model is TrainBody else known  # the older names are train's
+        close = difflib.get_close_matches(name, names, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"unknown field {name!r}{hint}; the fields are: {', '.join(known)}"
     allowed = choices(_CHOICES.get(name))
@@ -160,13 +164,16 @@ def _check_values(model: type[BaseModel], data: Mapping[str, Any]) -> None:
     JSON answer can hold it) and numbers beyond a float's range (pydantic 1 fails on those); ApiError 422."""
     known = _field_names(model)
     for name, value in data.items():
+        if (bad := _surrogate(name)) is not None:
+            msg = f"a field name contains {bad!r}, half of a UTF-16 surrogate pair, which is not text"
+            raise ApiError(422, msg)
         if name not in known:
             continue  # the model's check names it
         if isinstance(value, str) and (bad := _surrogate(value)) is not None:
-            msg = f"{name} contains {bad!r}, half of a UTF-16 surrogate pair, which is not text; send the whole character"
+            msg = f"{name} contains {bad!r}, half of a UTF-16 surrogate pair, which is not text"
             raise ApiError(422, msg)
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
-            raise ApiError(422, f"{name} is too large a number ({len(str(abs(value)))} digits)")
+            raise ApiError(422, f"{name} is too large a number (the limit is ±{sys.float_info.max:.3g})")
 
 
 def validate(model: type[BaseModel], data: Any) -> dict[str, Any]:

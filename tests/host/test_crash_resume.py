@@ -79,29 +79,34 @@ def test_kill_9_mid_run_then_resume_finishes_like_an_uninterrupted_run(which, tm
         while (st := h.get(f"/ti/v1/jobs/{job}"))["step"] < KILL_AFTER:
             assert st["state"] == "running" and time.time() < deadline, st
             time.sleep(0.2)
-        assert unfinished(h, crashed)["step"] == POINT_EVERY_STEPS  # the point, seen while it runs
+        seen = unfinished(h, crashed)  # the last point, seen while the run goes on
+        assert seen["state"] == "interrupted" and 0 < seen["step"] < KILL_AFTER, seen
         os.killpg(proc.pid, signal.SIGKILL)  # type: ignore[attr-defined]
         proc.wait(timeout=60)  # type: ignore[attr-defined]
         print(which, "killed at step", st["step"], "exit", proc.returncode)  # type: ignore[attr-defined]
     emb_file = root / "embeddings" / f"{crashed}.safetensors"
-    assert read_embedding(emb_file).step == POINT_EVERY_STEPS  # the name in prompts is the point's
     info = read_info_file(root / "logs" / crashed / f"{crashed}.resume.safetensors")
-    assert (info.step, info.state) == (POINT_EVERY_STEPS, "running")
+    # the last automatic point: step 100, or an earlier one made by the 3-minute clock on a slow host
+    point = info.step
+    print(which, "last point", point)
+    assert info.state == "running" and point in (POINT_EVERY_STEPS, seen["step"]), (info, seen)
+    assert read_embedding(emb_file).step == point  # the name in prompts is the point's
 
     with start(which, root, 2) as (h, _proc):
         run = unfinished(h, crashed)
         print(which, "after the restart", {k: run[k] for k in ("step", "steps", "state")})
-        assert (run["step"], run["steps"], run["state"]) == (POINT_EVERY_STEPS, STEPS, "interrupted")
+        assert (run["step"], run["steps"], run["state"]) == (point, STEPS, "interrupted")
         assert run["settings"]["dataset_dir"] == str(dataset) and run["settings"]["resolution"] == 64
         if which == "a1111":  # the Train view's note about the embedding, as the browser asks for it
             note = h.call(["ti_train_embedding"], [crashed], outputs_first="ti_train_unfinished")[0]
             assert (
-                f"Unfinished run of {crashed}**: cut off (the web UI stopped) at step **100/{STEPS}**" in note
+                f"Unfinished run of {crashed}**: cut off (the web UI stopped) at step **{point}/{STEPS}**"
+                in note
             )
         st = wait_job(h, h.post("/ti/v1/train", {"embedding": crashed, "resume": True})["job"])
         print(which, "resumed", {k: st[k] for k in ("state", "step", "resumed_from", "message")})
         assert st["state"] == "done" and st["step"] == STEPS, st
-        assert st["resumed_from"] == POINT_EVERY_STEPS and st["losses"][0][0] == POINT_EVERY_STEPS + 1
+        assert st["resumed_from"] == point and st["losses"][0][0] == point + 1
         assert unfinished(h, crashed) is None
         st = wait_job(h, h.post("/ti/v1/train", body(whole, dataset))["job"])
         assert st["state"] == "done" and st["step"] == STEPS, st
