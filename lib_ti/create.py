@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 
 from lib_ti.embedding import MAX_VECTORS, Embedding
-from lib_ti.errors import TIError
+from lib_ti.errors import TIError, short_repr
 from lib_ti.names import validate_name
 from lib_ti.text.vocab import Vocabulary
 
@@ -68,23 +68,18 @@ def init_random(vocab: Vocabulary, n: int, gen: torch.Generator) -> torch.Tensor
     return v / v.norm(dim=1, keepdim=True) * target
 
 
-def _shown(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:30]}…"
-
-
 def create_embedding(args: CreateArgs, vocabs: Mapping[str, Vocabulary]) -> CreateResult:
     """A new embedding with vectors for every encoder of the model (``vocabs``: key -> vocabulary)."""
     validate_name(args.name)
     n = args.num_vectors
     if not isinstance(n, int) or not 1 <= n <= MAX_VECTORS:
-        msg = f"vectors per token must be 1 to {MAX_VECTORS}, not {_shown(n)}"
+        msg = f"vectors per token must be 1 to {MAX_VECTORS}, not {short_repr(n)}"
         raise TIError(msg)
     seed = args.seed
     if seed is not None and (
         isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED
     ):
-        msg = f"the seed must be a whole number from 0 to {MAX_SEED} (got {_shown(seed)})"
+        msg = f"the seed must be a whole number from 0 to {MAX_SEED} (got {short_repr(seed)})"
         raise TIError(msg)
     if not vocabs:
         msg = "no text encoder to create the embedding for"

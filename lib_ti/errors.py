@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+
+def short_repr(value: Any) -> str:
+    """``value`` for a message: its repr, shortened when long."""
+    text = repr(value)
+    if len(text) <= 60:
+        return text
+    return repr(value[:48] + "…") if isinstance(value, str) else f"{text[:50]}…"
+
 
 class TIError(Exception):
     """Base class: the message is a complete sentence for the user."""

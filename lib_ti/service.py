@@ -20,7 +20,7 @@ from typing import Any
 
 from lib_ti.create import CreateArgs, create_embedding
 from lib_ti.embedding import Embedding
-from lib_ti.errors import EmbeddingExists, EmbeddingNotFound, TIError, WriteFailed
+from lib_ti.errors import EmbeddingExists, EmbeddingNotFound, TIError, WriteFailed, short_repr
 from lib_ti.hostinfo import HostServices
 from lib_ti.inline.plan import InlineEvaluator
 from lib_ti.io.atomic import atomic_write_bytes, remove_temporaries
@@ -40,7 +40,7 @@ from lib_ti.training.dataset import DataArgs
 from lib_ti.training.images import check_folder, scan_images
 from lib_ti.training.jobs import Job, JobManager
 from lib_ti.training.loading import load_dataset
-from lib_ti.training.options import TrainRequest, check, short_repr
+from lib_ti.training.options import TrainRequest, check
 from lib_ti.training.recipes import resolve
 from lib_ti.training.resume import POINT_EVERY_STEPS, ResumeInfo, check_info, read_info_file
 from lib_ti.training.resume import SUFFIX as RESUME_SUFFIX
@@ -62,6 +62,12 @@ def _shared_fields(req: TrainRequest, target: type, **converted: Any) -> dict[st
 
 def _nothing() -> None:
     return None
+
+
+class _StoppedWhileCaching(Exception):  # noqa: N818 (not an error: a stop request)
+    def __init__(self, done: int, total: int) -> None:
+        super().__init__(f"{done}/{total}")
+        self.done, self.total = done, total
 
 
 def _is_file(path: str) -> bool:
@@ -429,6 +435,7 @@ class Service:
         for folder in (log_dir, self.folder()):  # what a run killed mid-write left behind
             for p in remove_temporaries(folder, req.embedding):
                 logger.info("removed %s (a write cut short by a crash)", p)
+        st.total = req.steps
         if task_id:
             self.host.progress_queued(task_id)
         with self.host.exclusive():
@@ -436,6 +443,12 @@ class Service:
             self.host.progress_begin(f"Training {req.embedding}", req.steps, task_id)
             restore = self.host.freeze_model()
             restore_vae: Callable[[], None] = _nothing
+
+            def caching_progress(done: int, total: int) -> None:
+                if job.stop_event.is_set() or self.host.interrupted():
+                    raise _StoppedWhileCaching(done, total)
+                st.message = f"caching latents {done}/{total}"
+
             try:
                 parts = self.host.build_parts()
                 timings["startup"] = time.perf_counter() - t0
@@ -456,7 +469,7 @@ class Service:
                     parts.encode_image,
                     device=parts.device,
                     dtype=parts.dtype,
-                    progress=lambda done, total: setattr(st, "message", f"caching latents {done}/{total}"),
+                    progress=caching_progress,
                 )
                 restore_vae = self.host.release_image_encoder()
                 timings["caching"] = time.perf_counter() - t0
@@ -490,6 +503,11 @@ class Service:
                 st.message = result.message
                 st.val_losses = list(result.val_losses)
                 timings.update(result.timings)
+            except _StoppedWhileCaching as e:
+                st.state = "stopped"
+                st.message = (
+                    f"stopped while caching latents ({e.done}/{e.total}); nothing was trained or written"
+                )
             finally:
                 restore_vae()
                 restore()

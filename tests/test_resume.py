@@ -451,3 +451,14 @@ def test_the_api_lists_unfinished_runs_and_resumes_one_with_its_settings(root):
     job.thread.join(timeout=300)
     st = client.get(f"/ti/v1/jobs/{job.id}").json()
     assert st["state"] == "done" and st["resumed_from"] == 2 and st["step"] == 6, st
+
+
+def test_a_stop_while_latents_are_cached_ends_the_job_at_once(root):
+    service = cw.service(root)
+    path = new(service, "early")
+    before = path.read_bytes()
+    service.host.interrupted = lambda: True  # the host's Interrupt, pressed before the first step
+    st = service.start_training(request(root, "early", 5), background=False).status
+    assert st.state == "stopped" and st.step == 0
+    assert "stopped while caching latents (0/3); nothing was trained or written" in st.message
+    assert path.read_bytes() == before and not service.resume_file("early").exists()

@@ -137,8 +137,8 @@ def test_second_training_is_refused_while_one_runs(env):
     finally:
         lock.release()
     job.thread.join(timeout=120)
-    assert job.status.state == "stopped"
-    assert "saved" in job.status.message
+    assert job.status.state == "stopped"  # stopped while it waited: it ends before training anything
+    assert "nothing was trained or written" in job.status.message
 
 
 def test_bad_requests_are_clear(env):
@@ -215,7 +215,7 @@ def test_rest_api(env):
     assert status["state"] == "stopped"
     assert status["job"] == job_id
     assert status["steps"] == 40
-    assert status["file"].endswith("api1.safetensors")
+    assert status["file"] is None and "nothing was trained" in status["message"]  # stopped while queued
     assert status["error"] is None
     assert status["outcome"] == "stopped"
     for twice in ("id", "total", "eta_seconds", "files", "job_id"):  # each value once

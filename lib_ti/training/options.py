@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
-from lib_ti.errors import TIError
+from lib_ti.errors import TIError, short_repr
 
 LrShape = Literal["constant", "cosine", "linear"]
 NormControl = Literal["soft", "hard", "off"]
@@ -91,14 +91,6 @@ MAXIMUM = {"steps": 1_000_000, "resolution": 4096, "repeats": 1000, "seed": 2**6
 
 def _type_name(kind: Any) -> str:
     return {int: "whole number", float: "number", bool: "boolean", str: "string"}.get(kind, str(kind))
-
-
-def short_repr(value: Any) -> str:
-    """``value`` for a message: its repr, shortened when long."""
-    text = repr(value)
-    if len(text) <= 60:
-        return text
-    return repr(value[:48] + "…") if isinstance(value, str) else f"{text[:50]}…"
 
 
 def coerce(name: str, value: Any) -> Any:

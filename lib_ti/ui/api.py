@@ -30,13 +30,13 @@ from pydantic import BaseModel, ValidationError, create_model
 from starlette.concurrency import run_in_threadpool
 
 from lib_ti.create import CreateArgs, InitMode
-from lib_ti.errors import EmbeddingExists, JobNotFound, NotFoundError, TIError
+from lib_ti.errors import EmbeddingExists, JobNotFound, NotFoundError, TIError, short_repr
 from lib_ti.io.formats import read_embedding
 from lib_ti.io.library import list_files
 from lib_ti.service import Service
 from lib_ti.stats import embedding_stats
 from lib_ti.training.jobs import BusyError, JobStatus
-from lib_ti.training.options import FIELD_TYPES, MAXIMUM, TrainRequest, choices, short_repr
+from lib_ti.training.options import FIELD_TYPES, MAXIMUM, TrainRequest, choices
 
 logger = logging.getLogger(__name__)
 PREFIX = "/ti/v1"
