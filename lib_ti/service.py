@@ -37,6 +37,7 @@ from lib_ti.parts import ModelParts
 from lib_ti.text.nearest import NearestTokens, nearest_tokens
 from lib_ti.training.captions import builtin_templates, fill_template, load_template, read_caption
 from lib_ti.training.dataset import DataArgs
+from lib_ti.training.errors import TrainingError
 from lib_ti.training.images import check_folder, scan_images
 from lib_ti.training.jobs import Job, JobManager
 from lib_ti.training.loading import load_dataset
@@ -68,6 +69,14 @@ class _StoppedWhileCaching(Exception):  # noqa: N818 (not an error: a stop reque
     def __init__(self, done: int, total: int) -> None:
         super().__init__(f"{done}/{total}")
         self.done, self.total = done, total
+
+
+def _read_resume(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        msg = f"cannot read {path}: {e.strerror or e}"
+        raise TrainingError(msg) from None
 
 
 def _is_file(path: str) -> bool:
@@ -138,16 +147,27 @@ class Service:
         self._read_cache = seen
         return found
 
-    def write(self, emb: Embedding, *, overwrite: bool, fmt: str | None = None) -> Path:
+    def write(
+        self, emb: Embedding, *, overwrite: bool, fmt: str | None = None, job: Job | None = None
+    ) -> Path:
+        """Write ``emb`` into the embeddings folder and reload the host's embeddings.
+
+        One writer at a time: the name checks and the write are one step, so two creates of one name
+        give one file and one EmbeddingExists. Only the training ``job`` of a name may write it while
+        it runs (a create or merge gets EmbeddingExists, a 409). A create or merge that replaces an
+        embedding removes the resume file of its runs: those vectors are gone.
+        """
         fmt = fmt or self.host.save_format()
         if fmt not in SAVE_SUFFIX:
             msg = f"unknown format {fmt!r} (one of {', '.join(SAVE_SUFFIX)})"
             raise TIError(msg)
         path = path_in_folder(self.folder(), emb.name, SAVE_SUFFIX[fmt])
         with self._write_lock:
+            if job is None:
+                self._refuse_if_training(emb.name)
             existing = [
                 p
-                for p in sorted(path.parent.glob(f"{emb.name}.*"))
+                for p in sorted(path.parent.glob(f"{glob.escape(emb.name)}.*"))
                 if p.suffix in SAVE_SUFFIX.values() and p.stem == emb.name
             ]
             if existing and not overwrite:
@@ -159,8 +179,18 @@ class Service:
                 raise WriteFailed(str(self.folder()), e.strerror or str(e), e.errno) from e
             out = write_embedding(emb, path, overwrite=overwrite)
             self._write_sidecar(emb, out)
+            if job is None and existing:
+                self._forget_runs(emb.name)
             self.host.reload_embeddings()
         return out
+
+    def _forget_runs(self, name: str) -> None:
+        """Remove the resume file of ``name``'s runs (its embedding was replaced, or a new run starts)."""
+        path = self.resume_file(name)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            logger.warning("could not remove %s: %s", path, e)
 
     def _refuse_if_training(self, name: str) -> None:
         """A create or merge must not replace the file a running job is training (409)."""
@@ -243,7 +273,6 @@ class Service:
         self, args: CreateArgs, *, overwrite: bool = False, fmt: str | None = None
     ) -> tuple[Path, list[str]]:
         # Reads token tables only: no GPU lock, so it works while a training run holds it.
-        self._refuse_if_training(args.name)
         parts = self.host.build_parts()
         result = create_embedding(args, self.vocabularies(parts))
         path = self.write(result.embedding, overwrite=overwrite, fmt=fmt)
@@ -284,7 +313,6 @@ class Service:
         return ctx
 
     def merge(self, expression: str, name: str, *, overwrite: bool = False, fmt: str | None = None) -> Path:
-        self._refuse_if_training(name)
         parts = self.host.build_parts()
         emb = merge_to_embedding(expression, self.merge_context(parts), name)
         return self.write(emb, overwrite=overwrite, fmt=fmt)
@@ -333,10 +361,13 @@ class Service:
         return read_info_file(path) if path.is_file() else None
 
     def unfinished_runs(self) -> dict[str, dict[str, Any]]:
-        """Embeddings with a run that did not reach its last step (stopped, or cut off by a crash):
-        {name: {step, steps, state, saved_at, model, settings}}, or {name: {error}} for a resume
-        file that cannot be read."""
+        """Embeddings with a run that did not reach its last step (stopped, failed, or cut off by a
+        crash or a failed write): {name: {step, steps, state, saved_at, model, settings, file}}, or
+        {name: {error, file}} for a resume file that cannot be read. The run being trained right now
+        has state "training" and its ``job``."""
         out: dict[str, dict[str, Any]] = {}
+        job = self.jobs.current
+        live = job if job is not None and job.status.running and job.status.kind == "train" else None
         root = Path(self.host.log_dir())
         if not root.is_dir():
             return out
@@ -349,7 +380,9 @@ class Service:
             except TIError as e:
                 out[name] = {"error": str(e), "file": str(path)}
                 continue
-            if info.unfinished:
+            if live is not None and live.status.name == name:
+                out[name] = {**info.to_dict(), "state": "training", "job": live.id, "file": str(path)}
+            elif info.unfinished:
                 out[name] = {**info.to_dict(), "file": str(path)}
         return out
 
@@ -425,16 +458,20 @@ class Service:
     def _train(self, job: Job, req: TrainRequest, task_id: str) -> None:
         st = job.status
         timings = st.timings
-        start = read_embedding(self.find_embedding_file(req.embedding))
         resume_path = self.resume_file(req.embedding)
         log_dir = resume_path.parent
         try:
             log_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise WriteFailed(str(log_dir), e.strerror or str(e), e.errno) from e
-        for folder in (log_dir, self.folder()):  # what a run killed mid-write left behind
-            for p in remove_temporaries(folder, req.embedding):
-                logger.info("removed %s (a write cut short by a crash)", p)
+        with self._write_lock:  # no create or merge half-way through these files
+            start = read_embedding(self.find_embedding_file(req.embedding))
+            own = [f"{req.embedding}{s}" for s in (*SAVE_SUFFIX.values(), ".json")]
+            removed = remove_temporaries(self.folder(), own) + remove_temporaries(log_dir)
+            if not req.resume:
+                self._forget_runs(req.embedding)  # a new run: the last one's resume file is obsolete
+        for p in removed:
+            logger.info("removed %s (a write cut short by a crash)", p)
         st.total = req.steps
         if task_id:
             self.host.progress_queued(task_id)
@@ -484,7 +521,7 @@ class Service:
                 args.point_every = self._point_every()
                 if self.host.preview is None:
                     args.preview_every = 0
-                resume = resume_path.read_bytes() if req.resume else None
+                resume = _read_resume(resume_path) if req.resume else None
                 trainer = Trainer(
                     parts,
                     data,
@@ -531,7 +568,7 @@ class Service:
                 p = write_embedding(emb, log_dir / f"{emb.name}-{emb.step}{SAVE_SUFFIX[fmt]}", overwrite=True)
                 st.snapshots.append(str(p))
                 return
-            p = self.write(emb, overwrite=True, fmt=fmt)
+            p = self.write(emb, overwrite=True, fmt=fmt, job=job)
             if reason != "point" and self.host.get_option("ti_pt_copy", False) and fmt != "pt":
                 write_embedding(emb, log_dir / f"{emb.name}.pt", overwrite=True)
             st.file = str(p)

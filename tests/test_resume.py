@@ -257,6 +257,28 @@ def test_a_failing_write_stops_the_run_and_keeps_the_last_good_files(
     assert st.state == "finished" and st.resumed_from == kept and st.step == 7, st.message
 
 
+def test_a_failing_final_save_keeps_the_last_point_resumable(root, disk, every_point):
+    service = cw.service(root, point_every=2)
+    new(service, "last")
+    emb_file = root / "embeddings" / "last.safetensors"
+
+    def arm(step: int, text: str) -> None:
+        if step == 7:  # the final save's embedding write fails
+            disk.fail_for = emb_file.name
+
+    service.host.progress_update = arm
+    st = service.start_training(request(root, "last", 7), background=False).status
+    assert st.state == "failed" and st.step == 7, st.message
+    assert f"could not write {emb_file}: No space left on device" in st.message
+    assert "resuming continues from step 6" in st.message
+    assert read_embedding(emb_file).step == 6
+    assert service.unfinished_runs()["last"]["state"] == "interrupted"  # not "finished": it can go on
+    disk.fail_for = None
+    service.host.progress_update = lambda step, text: None
+    st = service.start_training({"embedding": "last", "resume": True}, background=False).status
+    assert st.state == "finished" and st.resumed_from == 6 and read_embedding(emb_file).step == 7
+
+
 def test_an_unusable_log_folder_is_named_and_the_embedding_untouched(root):
     service = cw.service(root)
     path = new(service, "nolog")
@@ -296,6 +318,19 @@ def test_a_stopped_run_is_listed_and_resumes_with_its_settings(root):
     assert run["settings"]["lr"] == "2e-2" and run["model"] == "tiny-sd1"
     st = service.start_training({"embedding": "halt", "resume": True}, background=False).status
     assert st.state == "finished" and st.step == 6 and st.resumed_from == 2, st.message
+
+
+def test_a_replaced_embedding_or_a_new_run_forgets_the_old_run(root):
+    service = cw.service(root)
+    stopped_run(service, root, "gone")
+    service.create(CreateArgs("gone", 2, "text", "a dog"), overwrite=True)  # same layout, new vectors
+    assert "gone" not in service.unfinished_runs() and not service.resume_file("gone").exists()
+    with pytest.raises(TIError, match="gone has no unfinished run"):
+        service.start_training({"embedding": "gone", "resume": True})
+    stopped_run(service, root, "anew")
+    service.host.interrupted = lambda: True  # a new run (Resume off), stopped before its first point
+    st = service.start_training(request(root, "anew", 4), background=False).status
+    assert st.state == "stopped" and "anew" not in service.unfinished_runs()
 
 
 def sdxl_resume_bytes(name: str, folder: Path) -> bytes:
@@ -357,9 +392,10 @@ def test_create_and_merge_during_a_run_leave_the_trained_file_alone(root):
     job = service.start_training(request(root, "busy", 8))
     try:
         deadline = time.monotonic() + 120
-        while job.status.step < 1:
+        while job.status.step < 2:
             assert job.status.running and time.monotonic() < deadline, job.status.message
             time.sleep(0.02)
+        assert service.unfinished_runs()["busy"]["state"] == "training"  # not offered for resuming
         assert new(service, "beside").exists()  # files only: no wait for the GPU
         assert service.merge("'beside' * 2", "merged").exists()
         for attempt in (
@@ -462,3 +498,69 @@ def test_a_stop_while_latents_are_cached_ends_the_job_at_once(root):
     assert st.state == "stopped" and st.step == 0
     assert "stopped while caching latents (0/3); nothing was trained or written" in st.message
     assert path.read_bytes() == before and not service.resume_file("early").exists()
+
+
+def test_temporaries_of_other_files_are_left_alone(tmp_path):
+    from lib_ti.io.atomic import remove_temporaries
+
+    mine = [tmp_path / ".cat.safetensors.a1b2c3d4.tmp", tmp_path / ".cat.json.zz_9xk2m.tmp"]
+    others = [tmp_path / ".cat.v2.safetensors.a1b2c3d4.tmp", tmp_path / ".cats.json.a1b2c3d4.tmp"]
+    for p in (*mine, *others):
+        p.write_bytes(b"")
+    assert sorted(remove_temporaries(tmp_path, ["cat.safetensors", "cat.json"])) == sorted(mine)
+    assert all(p.exists() for p in others)
+
+
+def test_windows_retries_a_replace_that_a_reader_blocks(tmp_path, monkeypatch):
+    calls = []
+    fake = types.SimpleNamespace(**{k: getattr(os, k) for k in dir(os) if not k.startswith("__")})
+    fake.name = "nt"
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) < 3:  # another process holds the old file open
+            raise PermissionError(errno.EACCES, "Access is denied")
+        os.replace(src, dst)
+
+    fake.replace = replace
+    monkeypatch.setattr(atomic, "os", fake)
+    monkeypatch.setattr(atomic, "REPLACE_PAUSE", 0.0)
+    target = tmp_path / "x.safetensors"
+    target.write_bytes(b"old")
+    atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"new" and len(calls) == 3
+    fake.name = "posix"  # elsewhere a refused replace is an error at once
+    calls.clear()
+    with pytest.raises(OSError, match="could not write"):
+        atomic_write_bytes(target, b"newer")
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+
+
+def test_resume_keeps_the_validation_history_and_the_best_vectors(root):
+    """Early stopping after a resume decides as the uninterrupted run does: the validation history and
+    the best vectors so far travel in the resume file."""
+    parts, data = dataset(root / "data", "sd1", templates=("a photo of [name]", "[name], [filewords]"))
+    emb = start(parts)
+    # the best validation is at step 1, and the third one without improvement (step 4) ends the run
+    args = TrainArgs(steps=16, lr="5e-2", validation_every=1, validation_size=3, early_stop_patience=3,
+                     norm_control="off", seed=4)  # fmt: skip
+    full = Trainer(parts, data, emb, args).run()
+    calls = {"n": 0}
+    resume: dict[str, bytes] = {}
+
+    def should_stop():
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    cb = TrainCallbacks(should_stop=should_stop, save_resume=lambda b: resume.update(data=b))
+    first = Trainer(parts, data, emb, args, cb).run()
+    assert first.status == "stopped" and first.step == 2
+    resumed = Trainer(parts, data, emb, args, resume=resume["data"])
+    assert resumed.best is not None and resumed.best.step == 1
+    assert [s for s, _ in resumed.val_losses] == [0, 1, 2]
+    second = resumed.run()
+    print("full:", full.status, full.step, full.message)
+    assert full.status == "early_stopped" and full.step == 4  # the case this test is about
+    assert (second.status, second.step, second.message) == (full.status, full.step, full.message)
+    torch.testing.assert_close(second.embedding.vectors["clip_l"], full.embedding.vectors["clip_l"])
+    assert second.embedding.step == full.embedding.step

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import glob
 import os
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -39,7 +39,7 @@ def atomic_write(
             f.flush()
             os.fsync(f.fileno())
         if overwrite:
-            os.replace(tmp_name, target)
+            _replace(tmp_name, target)
         else:
             _link_new(tmp_name, target)
     except EmbeddingExists:
@@ -54,6 +54,22 @@ def atomic_write(
     return target
 
 
+#: Windows refuses to replace a file that another process holds open (a reader, an antivirus scan):
+#: how many times, and how long apart, a replace is tried again
+REPLACE_TRIES, REPLACE_PAUSE = 20, 0.1
+
+
+def _replace(tmp_name: str, target: Path) -> None:
+    for attempt in range(REPLACE_TRIES):
+        try:
+            os.replace(tmp_name, target)
+            return
+        except PermissionError:
+            if os.name != "nt" or attempt == REPLACE_TRIES - 1:
+                raise
+            time.sleep(REPLACE_PAUSE)
+
+
 def _link_new(tmp_name: str, target: Path) -> None:
     """Give the finished temporary file the name ``target`` only if no file has it (atomic)."""
     try:
@@ -61,7 +77,7 @@ def _link_new(tmp_name: str, target: Path) -> None:
     except FileExistsError:
         raise _exists(target) from None
     except OSError as e:
-        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+        if e.errno not in _NO_LINKS and not (os.name == "nt" and e.errno in (errno.EINVAL, errno.EACCES)):
             raise
         # a filesystem without hard links (FAT, some network shares): check, then rename
         if target.exists():
@@ -69,14 +85,29 @@ def _link_new(tmp_name: str, target: Path) -> None:
         os.replace(tmp_name, target)
 
 
-def remove_temporaries(folder: Path, name: str) -> list[Path]:
-    """Remove the temporary files a killed writer left for the files ``name.*`` in ``folder``."""
+def remove_temporaries(folder: Path, names: Iterable[str] | None = None) -> list[Path]:
+    """Remove the temporary files (``.<file name>.<random>.tmp``) a killed writer left in ``folder``
+    for the files ``names`` (None: for any file); the caller makes sure nobody is writing them now."""
     removed = []
-    for p in folder.glob(f".{glob.escape(name)}.*.tmp"):
+    for p in folder.glob(".*.tmp"):
+        if names is not None and not any(_temporary_of(p.name, n) for n in names):
+            continue
         with contextlib.suppress(OSError):
             p.unlink()
             removed.append(p)
     return removed
+
+
+def _temporary_of(temp: str, name: str) -> bool:
+    """``temp`` is a temporary file of :func:`atomic_write` for the file ``name`` (the random part
+    that ``tempfile`` adds holds no dot)."""
+    head = f".{name}."
+    return temp.startswith(head) and temp.endswith(".tmp") and "." not in temp[len(head) : -4]
+
+
+#: what ``os.link`` fails with where the file system has no hard links (Windows' FAT, exFAT and
+#: many network shares give EINVAL or EACCES instead)
+_NO_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK)
 
 
 def _exists(target: Path) -> EmbeddingExists:

@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
+from lib_ti.create import MAX_SEED
 from lib_ti.errors import TIError, short_repr
 
 LrShape = Literal["constant", "cosine", "linear"]
@@ -86,7 +87,7 @@ FIELD_TYPES: dict[str, Any] = typing.get_type_hints(TrainRequest)
 MINIMUM = {"steps": 1, "batch_size": 1, "grad_accum": 1, "resolution": 64, "repeats": 1}
 #: the largest values: more only exhausts memory or time (a bucket side above 4096, a list of the images
 #: repeated), and seeds are 63-bit
-MAXIMUM = {"steps": 1_000_000, "resolution": 4096, "repeats": 1000, "seed": 2**63 - 1}
+MAXIMUM = {"steps": 1_000_000, "resolution": 4096, "repeats": 1000, "seed": MAX_SEED}
 
 
 def _type_name(kind: Any) -> str:

@@ -35,8 +35,8 @@ POINT_EVERY_SECONDS = 180.0
 #: ... but never so often that writing them takes more than this share of the run's time
 POINT_MAX_SHARE = 0.01
 
-#: how the run was when its resume file was written
-RunState = Literal["running", "stopped", "finished"]
+#: how the run was when its resume file was written ("failed": NaN or infinite values ended it)
+RunState = Literal["running", "stopped", "finished", "failed"]
 
 
 @dataclass
@@ -74,6 +74,8 @@ class ResumeInfo:
         return self.state != "finished" and self.step < self.steps
 
     def to_dict(self) -> dict[str, Any]:
+        """For the API: ``state`` is "interrupted" for a run cut off while it ran (a crash, a failed
+        write), else "stopped" or "failed"."""
         return {
             "step": self.step,
             "steps": self.steps,

@@ -51,8 +51,8 @@ Status = Literal["finished", "stopped", "early_stopped", "failed", "model_change
 #: the parts of a run that TrainResult.timings measures (seconds)
 TIMED = ("steps", "validation", "saving", "points", "previews")
 #: what each reason of a save means for the resume file's run state (None: no resume file)
-_RESUME_STATE: dict[str, RunState | None] = {
-    "point": "running", "snapshot": "running", "stopped": "stopped", "final": "finished", "failed": None,
+_RESUME_STATE: dict[str, RunState] = {
+    "point": "running", "snapshot": "running", "stopped": "stopped", "final": "finished", "failed": "failed",
 }  # fmt: skip
 
 
@@ -430,7 +430,7 @@ class Trainer:
             for k, v in self.vectors.items():
                 v.copy_(backup[k])
         self.optimizer.zero_grad(set_to_none=True)
-        self._save("failed", resume=False)
+        self._save("failed")
         msg = f"{why} at step {self.step + 1}; stopped and kept the vectors of step {self.step}"
         logger.error("%s: %s", self.name, msg)
         return _RunEnded(self._result("failed", msg))
@@ -480,16 +480,28 @@ class Trainer:
         resume: bool = True,
         part: str = "saving",
     ) -> None:
-        """Save the embedding (and the resume file) for ``reason``; the time counts to ``part``."""
-        state = _RESUME_STATE.get(reason)
+        """Save the embedding (and the resume file) for ``reason``; the time counts to ``part``.
+
+        While the run goes on (points, snapshots) the resume file is written first, so it is never
+        behind the embedding; when the run ends, the embedding is written first, so the resume file
+        says "finished" or "stopped" only once the embedding holds that step (if the embedding's
+        write fails, the last point's resume file still continues the run). The resume file always
+        holds the run's current vectors (an early stop saves the best ones as the embedding).
+        """
+        state = _RESUME_STATE[reason]
+        write_resume = resume and self.cb.save_resume is not None
         with self._timed(part):
-            # the resume file first: if the embedding's write fails, the run can still go on from it
-            # (always the run's current vectors: an early stop saves the best ones as the embedding)
-            if resume and state is not None and self.cb.save_resume is not None:
-                self.cb.save_resume(self.resume_bytes(state))
-                self._resume_step = self.step
+            if write_resume and state == "running":
+                self._save_resume(state)
             if self.cb.save is not None:
                 self.cb.save(self.current_embedding(vectors, step), reason)
+            if write_resume and state != "running":
+                self._save_resume(state)
+
+    def _save_resume(self, state: RunState) -> None:
+        assert self.cb.save_resume is not None
+        self.cb.save_resume(self.resume_bytes(state))
+        self._resume_step = self.step
 
     # ------------------------------------------------------------------ data order
     def _epoch_groups(self, epoch: int) -> list[list[int]]:
@@ -717,11 +729,14 @@ class _CsvLog:
         self.file = None
         self.path = path
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if resumed_at and path.exists():
-                _drop_rows_after(path, resumed_at)
-            new = not path.exists()
-            self.file = open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if resumed_at and path.exists():
+                    _drop_rows_after(path, resumed_at)
+                new = not path.exists()
+                self.file = open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115
+            except OSError as e:
+                raise WriteFailed(str(path), e.strerror or str(e), e.errno) from e
             self.writer = csv.writer(self.file)
             if new:
                 self.writer.writerow(
@@ -778,8 +793,12 @@ class _CsvLog:
 
 def _drop_rows_after(path: Path, step: int) -> None:
     """Keep the header and the rows of steps up to ``step`` of a CSV log (rewritten atomically)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        logger.warning("%s cannot be read (%s); the resumed run appends to it as it is", path, e)
+        return
     kept = [r for i, r in enumerate(rows) if i == 0 or not r or not r[0].isdigit() or int(r[0]) <= step]
     if len(kept) == len(rows):
         return

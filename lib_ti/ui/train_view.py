@@ -164,16 +164,30 @@ def unfinished_markdown(name: str, run: dict[str, Any] | None, now: float | None
             f"⚠ **{html.escape(name)}** has a resume file that cannot be used: {html.escape(run['error'])}. "
             "Train without *Resume* to start a new run (it replaces that file)."
         )
-    how = "cut off (the web UI stopped)" if run["state"] == "interrupted" else "stopped"
+    if run["state"] == "training":
+        return f"▶ **{html.escape(name)}** is being trained now (job `{html.escape(str(run.get('job')))}`)."
+    how = {
+        "interrupted": "cut off (the web UI stopped, or a file could not be written)",
+        "failed": "failed (NaN or infinite values)",
+    }.get(run["state"], "stopped")
     when = _ago((now or time.time()) - float(run.get("saved_at") or 0))
     cfg = run.get("settings") or {}
     keys = ("lr", "batch_size", "grad_accum", "resolution", "dataset_dir")
     settings = ", ".join(f"{k} `{html.escape(str(cfg[k]))}`" for k in keys if k in cfg)
     model = f" on `{html.escape(str(run['model']))}`" if run.get("model") else ""
+    then = (
+        "To go on from there, lower the learning rate in the form and train with *Resume* ticked."
+        if run["state"] == "failed"
+        else "**Resume** continues it with those settings."
+    )
     return (
         f"⏸ **Unfinished run of {html.escape(name)}**: {how} at step **{run['step']}/{run['steps']}**, "
-        f"saved {when}{model}. Settings: {settings}. **Resume** continues it with those settings."
+        f"saved {when}{model}. Settings: {settings}. {then}"
     )
+
+
+#: the states of an unfinished run that the Resume button continues as it was
+RESUMABLE = ("interrupted", "stopped")
 
 
 def loss_plot(st: Any) -> str:
@@ -265,7 +279,7 @@ class TrainHandlers:
                 run = self._service().unfinished_runs().get(embedding)
             except (TIError, OSError) as e:
                 logger.warning("could not list unfinished runs: %s", e)
-        usable = bool(run) and "error" not in (run or {})
+        usable = bool(run) and (run or {}).get("state") in RESUMABLE
         return unfinished_markdown(embedding or "", run), gr.update(visible=usable)
 
     def resume(self, task_id: str, embedding: str | None) -> tuple[str, str]:
@@ -421,7 +435,9 @@ def build(host: HostInfo, shown: Any = None) -> TrainHandlers:
 
     # the embeddings for the loaded model, and its recipe when the form holds another kind's
     for show in (refresh.click, *([shown.select] if shown is not None else [])):
-        show(h.refresh, inputs=[embedding, form_kind], outputs=[embedding, model_note, form_kind, *options])
+        show(
+            h.refresh, inputs=[embedding, form_kind], outputs=[embedding, model_note, form_kind, *options]
+        ).then(h.unfinished, inputs=[embedding], outputs=[unfinished, resume])
     for box in (lr, lr_shape, warmup, steps):
         box.change(h.check_lr, inputs=[lr, lr_shape, warmup, steps], outputs=[extra["lr_note"]])
     for box in (template, dataset, embedding):

@@ -80,7 +80,7 @@ def test_kill_9_mid_run_then_resume_finishes_like_an_uninterrupted_run(which, tm
             assert st["state"] == "running" and time.time() < deadline, st
             time.sleep(0.2)
         seen = unfinished(h, crashed)  # the last point, seen while the run goes on
-        assert seen["state"] == "interrupted" and 0 < seen["step"] < KILL_AFTER, seen
+        assert seen["state"] == "training" and 0 < seen["step"] < KILL_AFTER, seen
         os.killpg(proc.pid, signal.SIGKILL)  # type: ignore[attr-defined]
         proc.wait(timeout=60)  # type: ignore[attr-defined]
         print(which, "killed at step", st["step"], "exit", proc.returncode)  # type: ignore[attr-defined]
