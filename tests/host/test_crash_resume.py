@@ -100,7 +100,7 @@ def test_kill_9_mid_run_then_resume_finishes_like_an_uninterrupted_run(which, tm
         if which == "a1111":  # the Train view's note about the embedding, as the browser asks for it
             note = h.call(["ti_train_embedding"], [crashed], outputs_first="ti_train_unfinished")[0]
             assert (
-                f"Unfinished run of {crashed}**: cut off (the web UI stopped) at step **{point}/{STEPS}**"
+                f"Unfinished run of {crashed}**: cut off (the web UI stopped, or a file could not be written) at step **{point}/{STEPS}**"
                 in note
             )
         st = wait_job(h, h.post("/ti/v1/train", {"embedding": crashed, "resume": True})["job"])
