@@ -241,6 +241,7 @@ def neo(tmp_path_factory):
     """A real Forge Neo (SD_NEO_DIR) on the CPU with this extension linked in, on port SD_NEO_PORT (7891),
     switched to SD_NEO_CKPT (``rand-sd15``) at start (Neo has no ``--ckpt``)."""
     webui_p, python = checkout("SD_NEO_DIR", "SD_NEO_PYTHON", "Forge Neo host")
+    start_on(webui_p, os.environ.get("SD_NEO_CKPT", "rand-sd15"))
     embeddings = tmp_path_factory.mktemp("neo-embeddings")
     port = int(os.environ.get("SD_NEO_PORT", "7891"))
     log = tmp_path_factory.mktemp("neo") / "webui.log"
@@ -261,6 +262,20 @@ def neo(tmp_path_factory):
         # Neo has no --ckpt and starts on the checkpoint its settings saved last: the SD1.5 one
         host.post("/sdapi/v1/options", {"sd_model_checkpoint": os.environ.get("SD_NEO_CKPT", "rand-sd15")})
         yield host
+
+
+def start_on(webui: Path, checkpoint: str) -> None:
+    """Make a host without ``--ckpt`` (Neo) start on ``checkpoint``: its UI's checkpoint box takes the
+    start-up checkpoint, and a page opened later selects that one again. Without a saved choice Neo
+    starts on the first file by name (``rand-sd15-b`` before ``rand-sd15``)."""
+    config = webui / "config.json"
+    try:
+        data = json.loads(config.read_text()) if config.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        data = {}
+    if data.get("sd_model_checkpoint") != f"{checkpoint}.safetensors":
+        data["sd_model_checkpoint"] = f"{checkpoint}.safetensors"
+        config.write_text(json.dumps(data, indent=4))
 
 
 def _fork(tmp_path_factory, name: str, what: str, port: int, **kwargs):

@@ -23,7 +23,7 @@ import torch
 from lib_ti.io.formats import read_embedding
 from lib_ti.training.resume import POINT_EVERY_STEPS, read_info_file
 
-from .conftest import A1111_FLAGS, NEO_FLAGS, checkout, running_host
+from .conftest import A1111_FLAGS, NEO_FLAGS, checkout, running_host, start_on
 from .test_a1111_training import wait_job
 
 pytestmark = pytest.mark.host
@@ -54,6 +54,7 @@ def start(which: str, root: Path, run: int) -> Iterator[tuple[object, object]]:
             yield h, proc
         return
     webui, python = checkout("SD_NEO_DIR", "SD_NEO_PYTHON", "Forge Neo host")
+    start_on(webui, os.environ.get("SD_NEO_CKPT", "rand-sd15"))
     port = int(os.environ.get("SD_NEO_CRASH_PORT", "7892"))
     with running_host(webui, python, root / "embeddings", log, port, folders, flags=NEO_FLAGS,
                       ckpt_flags=False, started_line="Startup time:") as (h, proc):  # fmt: skip
