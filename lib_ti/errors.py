@@ -55,3 +55,8 @@ class WriteFailed(TIError, OSError):  # noqa: N818
         super().__init__(f"could not write {path}: {reason}")
         self.path = path
         self.errno = errno
+
+    @classmethod
+    def from_os_error(cls, path: object, e: OSError) -> WriteFailed:
+        """The failure of writing ``path`` that ``e`` reports."""
+        return cls(str(path), e.strerror or str(e) or type(e).__name__, e.errno)

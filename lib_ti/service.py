@@ -176,7 +176,7 @@ class Service:
             try:
                 self.folder().mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise WriteFailed(str(self.folder()), e.strerror or str(e), e.errno) from e
+                raise WriteFailed.from_os_error(self.folder(), e) from e
             out = write_embedding(emb, path, overwrite=overwrite)
             self._write_sidecar(emb, out)
             if job is None and existing:
@@ -192,10 +192,15 @@ class Service:
         except OSError as e:
             logger.warning("could not remove %s: %s", path, e)
 
+    def _training_job(self) -> Job | None:
+        """The training job that is queued or running, if any."""
+        job = self.jobs.current
+        return job if job is not None and job.status.running and job.status.kind == "train" else None
+
     def _refuse_if_training(self, name: str) -> None:
         """A create or merge must not replace the file a running job is training (409)."""
-        job = self.jobs.current
-        if job is not None and job.status.running and job.status.kind == "train" and job.status.name == name:
+        job = self._training_job()
+        if job is not None and job.status.name == name:
             msg = f"{name!r} is being trained (job {job.id}); stop the run or pick another name"
             raise EmbeddingExists(msg)
 
@@ -338,14 +343,13 @@ class Service:
             return given
         base = None
         if given.get("resume") and isinstance(given.get("embedding"), str):
+            why: object = f"{given['embedding']} has no unfinished run"
             try:
                 info = self._resume_info(given["embedding"])
-            except TIError as e:
-                if not given.get("dataset_dir"):
-                    raise TIError(_cannot_resume(e)) from None
-                info = None  # check_training says why
+            except TIError as e:  # with a dataset_dir given, check_training says why
+                info, why = None, e
             if info is None and not given.get("dataset_dir"):
-                raise TIError(_cannot_resume(f"{given['embedding']} has no unfinished run"))
+                raise TIError(_cannot_resume(why))
             base = info.settings if info is not None else None
         return resolve(given, self.loaded_kind(), self.host.get_option, base)
 
@@ -366,8 +370,7 @@ class Service:
         {name: {error, file}} for a resume file that cannot be read. The run being trained right now
         has state "training" and its ``job``."""
         out: dict[str, dict[str, Any]] = {}
-        job = self.jobs.current
-        live = job if job is not None and job.status.running and job.status.kind == "train" else None
+        live = self._training_job()
         root = Path(self.host.log_dir())
         if not root.is_dir():
             return out
@@ -463,7 +466,7 @@ class Service:
         try:
             log_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise WriteFailed(str(log_dir), e.strerror or str(e), e.errno) from e
+            raise WriteFailed.from_os_error(log_dir, e) from e
         with self._write_lock:  # no create or merge half-way through these files
             start = read_embedding(self.find_embedding_file(req.embedding))
             own = [f"{req.embedding}{s}" for s in (*SAVE_SUFFIX.values(), ".json")]
@@ -531,7 +534,6 @@ class Service:
                     resume,
                     settings=asdict(req),
                 )
-                st.total = req.steps
                 st.step = trainer.step
                 st.resumed_from = trainer.step if req.resume else None
                 st.message = f"training on {len(data.items)} image(s): {data.describe()}"

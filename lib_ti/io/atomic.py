@@ -45,8 +45,7 @@ def atomic_write(
     except EmbeddingExists:
         raise
     except OSError as e:
-        reason = e.strerror or str(e) or type(e).__name__
-        raise WriteFailed(str(target), reason, e.errno) from e
+        raise WriteFailed.from_os_error(target, e) from e
     finally:
         if tmp_name:
             with contextlib.suppress(FileNotFoundError):

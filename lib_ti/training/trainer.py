@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 Status = Literal["finished", "stopped", "early_stopped", "failed", "model_changed"]
 #: the parts of a run that TrainResult.timings measures (seconds)
 TIMED = ("steps", "validation", "saving", "points", "previews")
-#: what each reason of a save means for the resume file's run state (None: no resume file)
+#: the run state that the resume file written for each reason of a save records
 _RESUME_STATE: dict[str, RunState] = {
     "point": "running", "snapshot": "running", "stopped": "stopped", "final": "finished", "failed": "failed",
 }  # fmt: skip
@@ -238,7 +238,6 @@ class Trainer:
         )
         if resume is not None:
             self._load_resume(resume)
-        self._points = _Points(self.step)
         #: the step of the last resume file written (or resumed from)
         self._resume_step = self.step
 
@@ -272,6 +271,7 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train to ``args.steps``; a stop request, a model change, early stop or NaN ends it sooner."""
         pace = _Pace(self.step)
+        #: the last automatic resume point (the run's start counts as one)
         self._points = _Points(self.step)
         log_path = self._log_path()
         try:
@@ -736,7 +736,7 @@ class _CsvLog:
                 new = not path.exists()
                 self.file = open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115
             except OSError as e:
-                raise WriteFailed(str(path), e.strerror or str(e), e.errno) from e
+                raise WriteFailed.from_os_error(path, e) from e
             self.writer = csv.writer(self.file)
             if new:
                 self.writer.writerow(
@@ -764,7 +764,7 @@ class _CsvLog:
         try:
             self._write(p)
         except OSError as e:
-            raise WriteFailed(str(self.path), e.strerror or str(e), e.errno) from e
+            raise WriteFailed.from_os_error(self.path, e) from e
 
     def _write(self, p: Progress) -> None:
         if self.file is None:
