@@ -20,8 +20,13 @@ from dataclasses import dataclass
 
 Size = tuple[int, int]
 
+#: the trainer's bucket geometry: sides are multiples of BUCKET_STEP between MIN_BUCKET and MAX_BUCKET
+BUCKET_STEP, MIN_BUCKET, MAX_BUCKET = 64, 256, 2048
 
-def make_buckets(resolution: int, step: int = 64, min_side: int = 256, max_side: int = 2048) -> list[Size]:
+
+def make_buckets(
+    resolution: int, step: int = BUCKET_STEP, min_side: int = MIN_BUCKET, max_side: int = MAX_BUCKET
+) -> list[Size]:
     """Buckets of area at most ``resolution**2``, sorted; sides are multiples of ``step``."""
     if step < 1 or resolution < step:
         msg = f"resolution {resolution} and step {step}: need 1 <= step <= resolution"
@@ -38,6 +43,18 @@ def make_buckets(resolution: int, step: int = 64, min_side: int = 256, max_side:
             out.add((h, w))
             out.add((w, h))
     return sorted(out)
+
+
+def bucket_set(
+    resolution: int,
+    buckets: bool = True,
+    step: int = BUCKET_STEP,
+    min_side: int = MIN_BUCKET,
+    max_side: int = MAX_BUCKET,
+) -> list[Size]:
+    """The sizes a training run fits its images to (the one place that decides them): the buckets of
+    area ``resolution**2``, or with ``buckets`` off the one square ``resolution`` x ``resolution``."""
+    return make_buckets(resolution, step, min_side, max_side) if buckets else [(resolution, resolution)]
 
 
 def nearest_bucket(size: Size, buckets: list[Size]) -> Size:

@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 
 from lib_ti.parts import LatentDist
-from lib_ti.training.buckets import Size
+from lib_ti.training.buckets import BUCKET_STEP, MAX_BUCKET, MIN_BUCKET, Size
 from lib_ti.training.captions import fill_template, process_tags
 from lib_ti.training.errors import DataError
 from lib_ti.training.options import LatentSampling
@@ -35,9 +35,9 @@ class DataArgs:
     templates: list[str]
     #: bucket area = resolution**2 (SD1 512, SD2 768, SDXL 1024)
     resolution: int = 512
-    bucket_step: int = 64
-    min_bucket: int = 256
-    max_bucket: int = 2048
+    bucket_step: int = BUCKET_STEP
+    min_bucket: int = MIN_BUCKET
+    max_bucket: int = MAX_BUCKET
     #: False: every image resized and cropped to resolution x resolution
     buckets: bool = True
     flip: bool = False

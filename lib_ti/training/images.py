@@ -34,6 +34,12 @@ def _orientation(im: Image.Image) -> int:
         return 1
 
 
+def oriented(im: Image.Image) -> Image.Image:
+    """A loaded copy of ``im`` as displayed: its EXIF orientation applied."""
+    transpose = _TRANSPOSE.get(_orientation(im))
+    return im.transpose(transpose) if transpose is not None else im.copy()
+
+
 def _probe(path: str) -> Size:
     """(height, width) as displayed (EXIF orientation applied), from the header only."""
     with Image.open(path) as im:
@@ -122,7 +128,7 @@ def scan_images(folder: str) -> tuple[list[str], list[str]]:
     return [p for p, _ in found], skipped
 
 
-def _to_8bit(im: Image.Image) -> Image.Image:
+def to_8bit(im: Image.Image) -> Image.Image:
     """16-bit grey images (png opens them as mode I) scaled to 8 bits; Pillow's convert would clip them."""
     if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
         arr = np.asarray(im).astype(np.float64) * (255.0 / 65535.0)
@@ -135,12 +141,11 @@ def decode_window(path: str, pl: Placement, latent_size: Size) -> tuple[np.ndarr
     alpha averaged to latent size [h, w] float32 in [0, 1]."""
     with Image.open(path) as im:
         im.load()
-        transpose = _TRANSPOSE.get(_orientation(im))
-        img = im.transpose(transpose) if transpose is not None else im.copy()
+        img = oriented(im)
     if (img.height, img.width) != pl.size:
         msg = f"size changed since the scan ({img.height}x{img.width}, was {pl.size[0]}x{pl.size[1]})"
         raise ValueError(msg)
-    img = _to_8bit(img)
+    img = to_8bit(img)
     has_alpha = "A" in img.getbands() or "transparency" in img.info
     if has_alpha:
         rgba = img.convert("RGBA")

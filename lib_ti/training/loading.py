@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from lib_ti.parts import EncodeImageFn, LatentDist
-from lib_ti.training.buckets import Placement, Size, make_buckets, nearest_bucket, place
+from lib_ti.training.buckets import Placement, Size, bucket_set, make_buckets, nearest_bucket, place
 from lib_ti.training.captions import FILEWORDS, NAME, read_caption
 from lib_ti.training.dataset import DataArgs, Dataset, Item
 from lib_ti.training.errors import DataError
@@ -108,11 +108,7 @@ def load_dataset(
         )
         raise DataError(msg)
 
-    buckets = (
-        make_buckets(args.resolution, args.bucket_step, args.min_bucket, args.max_bucket)
-        if args.buckets
-        else [(args.resolution, args.resolution)]
-    )
+    buckets = bucket_set(args.resolution, args.buckets, args.bucket_step, args.min_bucket, args.max_bucket)
     word_re = re.compile(args.filename_word_regex) if args.filename_word_regex else None
     cache = None
     if args.cache_dir:

@@ -90,7 +90,7 @@ MINIMUM = {"steps": 1, "batch_size": 1, "grad_accum": 1, "resolution": 64, "repe
 MAXIMUM = {"steps": 1_000_000, "resolution": 4096, "repeats": 1000, "seed": MAX_SEED}
 
 
-def _type_name(kind: Any) -> str:
+def type_name(kind: Any) -> str:
     return {int: "whole number", float: "number", bool: "boolean", str: "string"}.get(kind, str(kind))
 
 
@@ -99,7 +99,11 @@ def coerce(name: str, value: Any) -> Any:
     if name not in FIELD_TYPES:
         msg = f"unknown training option {name!r}; the options are: {', '.join(FIELD_TYPES)}"
         raise TIError(msg)
-    kind = FIELD_TYPES[name]
+    return coerce_as(name, FIELD_TYPES[name], value)
+
+
+def coerce_as(name: str, kind: Any, value: Any) -> Any:
+    """``value`` as ``kind`` (int, float, bool, str or a Literal of strings); TIError naming ``name``."""
     allowed = choices(kind)
     try:
         if allowed:
@@ -126,17 +130,22 @@ def coerce(name: str, value: Any) -> Any:
             return number
         return "" if value is None else str(value).strip()
     except (TypeError, ValueError, OverflowError) as e:
-        msg = f"{name} must be a {_type_name(kind)} (got {short_repr(value)})"
+        msg = f"{name} must be a {type_name(kind)} (got {short_repr(value)})"
         raise TIError(msg) from e
+
+
+def check_types(obj: Any, types: dict[str, Any]) -> None:
+    """Each field of ``obj`` holds a value of its type (``types``: name -> kind); TIError naming it."""
+    for name, kind in types.items():
+        value = getattr(obj, name)
+        if coerce_as(name, kind, value) != value:
+            msg = f"{name} must be a {type_name(kind)} (got {short_repr(value)})"
+            raise TIError(msg)
 
 
 def check(req: TrainRequest) -> None:
     """The values' types, sets and bounds; raises TIError naming the field."""
-    for name in FIELD_TYPES:
-        value = getattr(req, name)
-        if coerce(name, value) != value:
-            msg = f"{name} must be a {_type_name(FIELD_TYPES[name])} (got {short_repr(value)})"
-            raise TIError(msg)
+    check_types(req, FIELD_TYPES)
     for name, low in MINIMUM.items():
         if getattr(req, name) < low:
             msg = f"{name} must be at least {low} (got {short_repr(getattr(req, name))})"

@@ -1,0 +1,1 @@
+"""Prepare: a folder of raw pictures turned into a training folder (sizes, duplicates, captions)."""
