@@ -101,4 +101,14 @@ class HostServices:
     training_blocked: Callable[[], str | None] = lambda: None
     #: a UI task id is waiting for the GPU lock (the host's progress bar shows it as queued)
     progress_queued: Callable[[str], None] = lambda task_id: None
+    #: the job's total steps changed (Prepare learns its total as it goes)
+    progress_total: Callable[[int], None] = lambda total: None
+    #: the host's models folder (Prepare keeps the tagger's model files in ``<models>/ti-taggers``)
+    models_dir: Callable[[], str] = lambda: ""
+    #: the host's upscalers by name, and one of them run: (image, name, scale) -> a larger image
+    upscalers: Callable[[], list[str]] = list
+    upscale: Callable[[Any, str, float], Any] | None = None
+    #: the host's interrogators ("blip", "deepbooru"), and one run on a batch: (name, images) -> captions
+    interrogators: Callable[[], list[str]] = list
+    interrogate: Callable[[str, list[Any]], list[str]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -34,6 +34,7 @@ from lib_ti.io.formats import (
 from lib_ti.merge import MergeContext, merge_to_embedding
 from lib_ti.names import path_in_folder, validate_name
 from lib_ti.parts import ModelParts
+from lib_ti.prepare.jobs import PrepareService
 from lib_ti.text.nearest import NearestTokens, nearest_tokens
 from lib_ti.training.captions import builtin_templates, fill_template, load_template, read_caption
 from lib_ti.training.dataset import DataArgs
@@ -106,6 +107,8 @@ class Service:
         self.inline = InlineEvaluator()
         #: one writer at a time in the embeddings folder (the name check and the write are one step)
         self._write_lock = threading.Lock()
+        #: Prepare jobs and caption edits, under the same job manager (never beside a training run)
+        self.prepare = PrepareService(host, self.jobs)
 
     # ------------------------------------------------------------------ files
     def folder(self) -> Path:

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from lib_ti.errors import TIError
 from lib_ti.prepare.crop import FACES, fit, focal_window
-from lib_ti.prepare.dedupe import distance, find_duplicates, phash
+from lib_ti.prepare.dedupe import THRESHOLD, distance, find_duplicates, mean_colour, phash
 from lib_ti.prepare.errors import PrepareError
 from lib_ti.prepare.options import PrepareRequest, prepare_request, with_resolution
 from lib_ti.prepare.pipeline import REPORT_FILE, PrepareHooks, compose_caption, run_prepare
@@ -30,7 +30,8 @@ def gradient(w: int, h: int, seed: int = 0) -> Image.Image:
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     a, b, c = rng.uniform(0.5, 2.0, 3)
     arr = np.stack(
-        [127 + 120 * np.sin(a * x / w * 3 + c), 127 + 120 * np.cos(b * y / h * 3), (x + y) / (w + h) * 255], -1
+        [127 + 120 * np.sin(a * x / w * 3 + c), 127 + 120 * np.cos(b * y / h * 3), (x + y) / (w + h) * 255],
+        -1,
     )
     img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
     d = ImageDraw.Draw(img)
@@ -103,7 +104,10 @@ def test_tiles_cut_a_large_picture_into_overlapping_bucket_tiles(tmp_path: Path)
     img = gradient(2400, 1600, 7)
     tiles = fit(img, (512, 512), "tiles", overlap=0.25)
     assert len(tiles) > 1 and all(t.size == (512, 512) for t in tiles)
-    assert fit(gradient(600, 600, 7), (512, 512), "tiles") != [] and len(fit(gradient(600, 600), (512, 512), "tiles")) == 1
+    assert (
+        fit(gradient(600, 600, 7), (512, 512), "tiles") != []
+        and len(fit(gradient(600, 600), (512, 512), "tiles")) == 1
+    )
 
 
 def test_pad_keeps_the_whole_picture_on_the_background(tmp_path: Path) -> None:
@@ -205,6 +209,14 @@ def test_duplicate_groups_keep_the_largest() -> None:
     assert [(g.kept, g.dropped) for g in groups] == [(1, (0,))]
 
 
+def test_flat_pictures_of_different_colours_are_not_duplicates() -> None:
+    red, blue = Image.new("RGB", (64, 64), (230, 20, 20)), Image.new("RGB", (64, 64), (20, 20, 230))
+    assert distance(phash(red), phash(blue)) <= THRESHOLD  # the hash alone cannot tell them apart
+    colours = [mean_colour(red), mean_colour(blue), mean_colour(red)]
+    groups = find_duplicates([phash(red), phash(blue), phash(red)], [1, 1, 1], colours=colours)
+    assert [(g.kept, g.dropped) for g in groups] == [(0, (2,))]
+
+
 def test_the_drawn_face_is_found_by_opencv() -> None:
     grey = np.asarray(face(120).convert("L"))
     assert FACES.faces(grey), "the test face must be detectable"
@@ -285,7 +297,9 @@ def test_captioner_runs_in_batches_under_the_gpu_lock(source: Path, tmp_path: Pa
         return [f"tag{img.width}" for img in images]
 
     out = tmp_path / "out"
-    report = run_prepare(request(source, out, caption_prefix="sks"), PrepareHooks(caption=caption, exclusive=exclusive))
+    report = run_prepare(
+        request(source, out, caption_prefix="sks"), PrepareHooks(caption=caption, exclusive=exclusive)
+    )
     assert sum(calls) == 5 and report.captions == 5
     assert (out / "wide.txt").read_text(encoding="utf-8").startswith("sks, a landscape, hills, tag")
     assert (out / "tall.txt").read_text(encoding="utf-8") == "sks, tag384\n"
@@ -320,7 +334,9 @@ def test_stop_keeps_what_is_written_with_captions(source: Path, tmp_path: Path) 
         PrepareHooks(progress=lambda d, t, _: progress.append((d, t)), should_stop=should_stop),
     )
     assert report.stopped and len(report.written) == 2
-    assert all((out / w).with_suffix(".txt").read_text(encoding="utf-8").startswith("sks") for w in report.written)
+    assert all(
+        (out / w).with_suffix(".txt").read_text(encoding="utf-8").startswith("sks") for w in report.written
+    )
     assert "(stopped)" in report.summary()
     assert [d for d, _ in progress] == sorted(d for d, _ in progress)
     assert (out / REPORT_FILE).is_file()

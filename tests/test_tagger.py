@@ -76,17 +76,21 @@ def expected_scores(features_bgr) -> np.ndarray:
     return sigmoid(np.asarray(features_bgr, dtype=np.float64) @ W + B)
 
 
-def build_model(path: Path, size: int = 448, *, n_tags: int = len(ROWS), nchw: bool = False) -> Path:
+def build_model(
+    path: Path, size: int = 448, *, n_tags: int = len(ROWS), nchw: bool = False, batch: int | str = "batch"
+) -> Path:
     """An ONNX model of the WD v3 signature: input "input" [batch, size, size, 3], output [batch, n_tags]."""
     from onnx import TensorProto, helper, numpy_helper
 
-    shape = ["batch", 3, size, size] if nchw else ["batch", size, size, 3]
+    shape = [batch, 3, size, size] if nchw else [batch, size, size, 3]
+    axis = 2 if nchw else 1  # the mean over rows, then over columns (float32 sums stay exact)
     weights, bias = np.zeros((3, n_tags), np.float32), np.zeros(n_tags, np.float32)
     k = min(n_tags, len(ROWS))
     weights[:, :k], bias[:k] = W[:, :k], B[:k]
     graph = helper.make_graph(
         [
-            helper.make_node("ReduceMean", ["input"], ["mean"], axes=[1, 2], keepdims=0),
+            helper.make_node("ReduceMean", ["input"], ["rows"], axes=[axis], keepdims=0),
+            helper.make_node("ReduceMean", ["rows"], ["mean"], axes=[axis], keepdims=0),
             helper.make_node("Mul", ["mean", "scale"], ["features"]),
             helper.make_node("MatMul", ["features", "weights"], ["product"]),
             helper.make_node("Add", ["product", "bias"], ["logits"]),
@@ -94,7 +98,7 @@ def build_model(path: Path, size: int = 448, *, n_tags: int = len(ROWS), nchw: b
         ],
         "tiny_wd_tagger",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", n_tags])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [batch, n_tags])],
         [
             numpy_helper.from_array(np.array([1 / 255], np.float32), "scale"),
             numpy_helper.from_array(weights, "weights"),
@@ -180,7 +184,13 @@ def test_thresholds_per_category():
 
 def test_characters_come_first_each_by_descending_score():
     scores = np.zeros(len(TAGS), np.float32)
-    for name, s in {"1girl": 0.99, "smile": 0.7, "long_hair": 0.8, "kirby": 0.9, "hatsune_miku": 0.95}.items():
+    for name, s in {
+        "1girl": 0.99,
+        "smile": 0.7,
+        "long_hair": 0.8,
+        "kirby": 0.9,
+        "hatsune_miku": 0.95,
+    }.items():
         scores[INDEX[name]] = s
     assert format_tags(scores, TAGS, TaggerArgs()) == "hatsune miku, kirby, 1girl, long hair, smile"
 
@@ -213,14 +223,19 @@ def test_bracket_escaping_can_be_turned_off():
 def test_max_tags_keeps_the_highest_scoring_in_caption_order():
     red = scores_for((0, 0, 1))  # ganyu .982, long hair .971, 1girl .953, ^_^ .881, smile .45
     assert format_tags(red, TAGS, TaggerArgs(max_tags=2)) == r"ganyu \(genshin impact\), long hair"
-    assert format_tags(red, TAGS, TaggerArgs(max_tags=4)) == r"ganyu \(genshin impact\), long hair, 1girl, ^_^"
+    assert (
+        format_tags(red, TAGS, TaggerArgs(max_tags=4)) == r"ganyu \(genshin impact\), long hair, 1girl, ^_^"
+    )
     assert format_tags(red, TAGS, TaggerArgs(max_tags=0)) == RED_CAPTION
     assert format_tags(red, TAGS, TaggerArgs(max_tags=99)) == RED_CAPTION
     scores = np.zeros(len(TAGS), np.float32)
     scores[[INDEX["1girl"], INDEX["kirby"]]] = (0.99, 0.9)  # the character is kept first, though lower
     assert format_tags(scores, TAGS, TaggerArgs(max_tags=2)) == "kirby, 1girl"
     # dropped tags take no place
-    assert format_tags(red, TAGS, TaggerArgs(max_tags=2, drop_tags="long hair")) == r"ganyu \(genshin impact\), 1girl"
+    assert (
+        format_tags(red, TAGS, TaggerArgs(max_tags=2, drop_tags="long hair"))
+        == r"ganyu \(genshin impact\), 1girl"
+    )
 
 
 def test_include_rating_adds_the_top_rating_last():
@@ -248,7 +263,9 @@ def test_args_are_checked():
 
 def test_constants():
     assert DEFAULT_MODEL == "SmilingWolf/wd-vit-tagger-v3" and DEFAULT_MODEL in WD_MODELS
-    assert len(WD_MODELS) == 5 and all(m.startswith("SmilingWolf/wd-") and m.endswith("-tagger-v3") for m in WD_MODELS)
+    assert len(WD_MODELS) == 5 and all(
+        m.startswith("SmilingWolf/wd-") and m.endswith("-tagger-v3") for m in WD_MODELS
+    )
     assert MODEL_FILES == ("model.onnx", "selected_tags.csv")
 
 
@@ -304,7 +321,8 @@ def test_prepare_image_resizes_bicubic():
 
 
 def test_red_and_blue_pictures_get_their_tags(wd):
-    assert wd.size == 448 and wd.providers == ["CPUExecutionProvider"] and len(wd.tags) == len(ROWS)
+    assert wd.size == 448 and wd.batch is None and wd.providers == ["CPUExecutionProvider"]
+    assert len(wd.tags) == len(ROWS)
     assert wd.tag([solid(RED), solid(BLUE)], TaggerArgs()) == [RED_CAPTION, BLUE_CAPTION]
 
 
@@ -318,7 +336,7 @@ def test_red_lights_the_tag_tied_to_input_channel_2(wd):
 
 
 def test_batch_of_mixed_sizes_and_modes(wd):
-    blue_rgba = Image.new("RGBA", (30, 50), (*BLUE, 255))
+    blue_rgba = Image.new("RGBA", (50, 50), (*BLUE, 255))
     clear = Image.new("RGBA", (40, 40), (*RED, 0))  # all transparent: white
     grey = Image.new("L", (20, 20), 0)  # black
     palette = solid(RED).convert("P")
@@ -328,7 +346,7 @@ def test_batch_of_mixed_sizes_and_modes(wd):
     assert batch.shape == (len(images), len(ROWS)) and batch.dtype == np.float32
     for image, row in zip(images, batch):
         assert np.allclose(row, wd.scores([image])[0], atol=1e-6)
-        want = expected_scores(prepare_image(image, 448).mean(axis=(0, 1)) / 255)
+        want = expected_scores(prepare_image(image, 448).astype(np.float64).mean(axis=(0, 1)) / 255)
         assert np.allclose(row, want, atol=1e-5)
     assert np.allclose(batch[1], expected_scores((1, 0, 0)), atol=1e-5)
     assert np.allclose(batch[2], expected_scores((1, 1, 1)), atol=1e-5)
@@ -348,7 +366,42 @@ def test_input_size_is_read_from_the_model(source, tmp_path):
     shutil.copy(source / "selected_tags.csv", folder)
     small = WdTagger.load(tmp_path, TaggerArgs(), Deps(source).deps())
     assert small.size == 32
-    assert small.tag([solid(BLUE, (300, 200))], TaggerArgs(general_threshold=0.9)) == ["blue sky, 1girl"]
+    args = TaggerArgs(general_threshold=0.9, character_threshold=0.9)  # features (1, 1/3, 1/3): white padding
+    assert small.tag([solid(BLUE, (300, 200))], args) == ["blue sky, 1girl"]
+
+
+def test_a_model_with_a_fixed_batch_size_runs_in_steps(source, tmp_path):
+    """WD v2 models take one picture per run; the batch is split."""
+    folder = model_dir(tmp_path, "SmilingWolf/wd-v1-4-moat-tagger-v2")
+    folder.mkdir(parents=True)
+    build_model(folder / "model.onnx", batch=1)
+    shutil.copy(source / "selected_tags.csv", folder)
+    one = WdTagger.load(tmp_path, TaggerArgs(model="SmilingWolf/wd-v1-4-moat-tagger-v2"), Deps(source).deps())
+    assert one.batch == 1
+    assert one.tag([solid(RED), solid(BLUE), solid(RED)], TaggerArgs()) == [
+        RED_CAPTION,
+        BLUE_CAPTION,
+        RED_CAPTION,
+    ]
+
+
+def test_an_old_onnxruntime_is_named(source, tmp_path):
+    def session(path, providers):
+        raise RuntimeError("Opset 18 is under development and support for this is limited")
+
+    old = types.SimpleNamespace(
+        __version__="1.16.3",
+        get_available_providers=lambda: ["CPUExecutionProvider"],
+        InferenceSession=session,
+    )
+    deps = Deps(source)
+    with pytest.raises(
+        TaggerError, match=r"onnxruntime 1.16.3 cannot open .*model.onnx \(Opset 18 .*1.17 or newer"
+    ):
+        WdTagger.load(tmp_path, TaggerArgs(), TaggerDeps(fetch=deps.fetch, install=lambda report: old))
+    old.__version__ = "1.17.0"
+    with pytest.raises(TaggerError, match="is not a usable ONNX model"):
+        WdTagger.load(tmp_path, TaggerArgs(), TaggerDeps(fetch=deps.fetch, install=lambda report: old))
 
 
 def test_a_model_of_another_layout_is_refused(source, tmp_path):
@@ -368,7 +421,11 @@ def test_cuda_is_asked_for_first_when_offered(source, tmp_path):
         return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
 
     fake_ort = types.SimpleNamespace(
-        get_available_providers=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+        get_available_providers=lambda: [
+            "TensorrtExecutionProvider",
+            "CUDAExecutionProvider",
+            "CPUExecutionProvider",
+        ],
         InferenceSession=session,
     )
     deps = Deps(source)
@@ -396,7 +453,9 @@ def test_a_failing_fetch_gives_its_message(source, tmp_path):
     def fetch(repo, dest, report):
         raise TaggerError(f"could not download model.onnx of {repo} from the model hub (offline)")
 
-    with pytest.raises(TaggerError, match=r"could not download model.onnx of SmilingWolf/wd-vit-tagger-v3 .*\(offline\)"):
+    with pytest.raises(
+        TaggerError, match=r"could not download model.onnx of SmilingWolf/wd-vit-tagger-v3 .*\(offline\)"
+    ):
         WdTagger.load(tmp_path, TaggerArgs(), TaggerDeps(fetch=fetch, install=lambda r: onnxruntime))
 
     def fetch_nothing(repo, dest, report):
@@ -535,12 +594,17 @@ def test_fetch_from_hub_without_huggingface_hub_uses_https(tmp_path, monkeypatch
 
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
     fetch_from_hub(DEFAULT_MODEL, tmp_path, lambda m: None)
-    assert urls == [f"https://huggingface.co/{DEFAULT_MODEL}/resolve/main/{name}" for name in ("selected_tags.csv", "model.onnx")]
+    assert urls == [
+        f"https://huggingface.co/{DEFAULT_MODEL}/resolve/main/{name}"
+        for name in ("selected_tags.csv", "model.onnx")
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(MODEL_FILES)
 
     (tmp_path / "model.onnx").unlink()
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: _Response(b"da", 4))
-    with pytest.raises(TaggerError, match=r"could not download model.onnx .*\(the connection closed after 2 of 4 bytes\)"):
+    with pytest.raises(
+        TaggerError, match=r"could not download model.onnx .*\(the connection closed after 2 of 4 bytes\)"
+    ):
         fetch_from_hub(DEFAULT_MODEL, tmp_path, lambda m: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["selected_tags.csv"]
 
@@ -613,3 +677,35 @@ def test_runtime_package(monkeypatch):
     assert tg.runtime_package() == "onnxruntime"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert tg.runtime_package() == "onnxruntime"
+
+
+def test_a_broken_onnxruntime_folder_is_named(monkeypatch, tmp_path):
+    """Uninstalling one of onnxruntime / onnxruntime-gpu when both were there leaves a folder without code."""
+    empty = types.ModuleType("onnxruntime")
+    empty.__path__ = [str(tmp_path / "onnxruntime")]
+    monkeypatch.setitem(sys.modules, "onnxruntime", empty)
+    monkeypatch.setattr(subprocess, "run", _no_pip)
+    monkeypatch.setattr(tg, "runtime_package", lambda: "onnxruntime")
+    with pytest.raises(TaggerError, match="onnxruntime in this Python is broken") as e:
+        ensure_onnxruntime(lambda m: None)
+    assert str(tmp_path / "onnxruntime") in str(e.value)
+    assert str(e.value).endswith("-m pip install --force-reinstall onnxruntime")
+
+
+def test_a_model_without_tag_scores_is_refused(source, tmp_path):
+    from onnx import TensorProto, helper
+
+    folder = model_dir(tmp_path, DEFAULT_MODEL)
+    folder.mkdir(parents=True)
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["input"], ["output"], axes=[1, 2, 3], keepdims=0)],
+        "scalar_per_picture",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 448, 448, 3])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(folder / "model.onnx"))
+    shutil.copy(source / "selected_tags.csv", folder)
+    with pytest.raises(TaggerError, match=r"is not a WD tagger model .*\[batch, tags\] scores"):
+        WdTagger.load(tmp_path, TaggerArgs(), Deps(source).deps())

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+from lib_ti.host.prepare_host import prepare_services
 from lib_ti.hostinfo import HostInfo, HostServices
 from lib_ti.inline.plan import TEMP_PREFIX
 from lib_ti.io.formats import to_png
@@ -72,6 +73,13 @@ def progress_begin(title: str, total: int, task_id: str) -> None:
     shared.state.textinfo = title
     if task_id:
         progress.start_task(task_id)
+
+
+def progress_total(total: int) -> None:
+    from modules import shared
+
+    _TOTAL["steps"] = total
+    shared.state.sampling_steps = total
 
 
 def progress_update(step: int, text: str) -> None:
@@ -177,6 +185,8 @@ def common_services() -> dict[str, Any]:
         "progress_update": progress_update,
         "progress_end": progress_end,
         "progress_queued": progress_queued,
+        "progress_total": progress_total,
+        **prepare_services(),
         "interrupted": interrupted,
         "save_format": save_format,
         "get_option": get_option,

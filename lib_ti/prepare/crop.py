@@ -67,9 +67,10 @@ class FaceFinder:
             try:
                 import cv2
 
-                cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+                cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")  # type: ignore[attr-defined]
                 if cascade.empty():
-                    raise OSError("the cascade file did not load")
+                    msg = "the cascade file did not load"
+                    raise OSError(msg)
                 self.available = True
             except (ImportError, AttributeError, OSError) as e:
                 logger.warning("no face detection (OpenCV: %s); focal crops use edges and detail only", e)
@@ -84,7 +85,9 @@ class FaceFinder:
         if cascade is None:
             return []
         side = min(grey.shape)
-        found = cascade.detectMultiScale(grey, scaleFactor=1.1, minNeighbors=5, minSize=(side // 12, side // 12))
+        found = cascade.detectMultiScale(
+            grey, scaleFactor=1.1, minNeighbors=5, minSize=(side // 12, side // 12)
+        )
         boxes = [(int(y), int(x), int(h), int(w)) for x, y, w, h in found]
         return sorted(boxes, key=lambda b: -b[2] * b[3])
 

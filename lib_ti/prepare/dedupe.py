@@ -14,6 +14,9 @@ from PIL import Image
 
 #: bits two hashes may differ in and still be duplicates (of 64)
 THRESHOLD = 6
+#: the most two duplicates' mean colours may differ by, per channel (0-255): the hash sees only grey
+#: levels, so two flat pictures of different colours would hash alike
+COLOUR_TOLERANCE = 24
 _N = 32
 
 
@@ -39,8 +42,20 @@ def phash(img: Image.Image) -> int:
     return value
 
 
+def mean_colour(img: Image.Image) -> tuple[int, int, int]:
+    """The picture's mean red, green and blue (0-255)."""
+    r, g, b = (
+        round(v) for v in np.asarray(img.convert("RGB").resize((16, 16)), dtype=np.float64).mean((0, 1))
+    )
+    return r, g, b
+
+
 def distance(a: int, b: int) -> int:
-    return (a ^ b).bit_count() if hasattr(int, "bit_count") else bin(a ^ b).count("1")
+    return bin(a ^ b).count("1")
+
+
+def _close(a: tuple[int, int, int] | None, b: tuple[int, int, int] | None) -> bool:
+    return a is None or b is None or max(abs(x - y) for x, y in zip(a, b)) <= COLOUR_TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -52,10 +67,14 @@ class DuplicateGroup:
 
 
 def find_duplicates(
-    hashes: Sequence[int | None], sizes: Sequence[int], threshold: int = THRESHOLD
+    hashes: Sequence[int | None],
+    sizes: Sequence[int],
+    threshold: int = THRESHOLD,
+    colours: Sequence[tuple[int, int, int] | None] | None = None,
 ) -> list[DuplicateGroup]:
-    """Groups of near-duplicates among ``hashes`` (None: not hashed); in each, the picture with the
-    most pixels (``sizes``; ties: the first) is kept."""
+    """Groups of near-duplicates among ``hashes`` (None: not hashed), whose ``colours`` (when given)
+    are within :data:`COLOUR_TOLERANCE`; in each, the picture with the most pixels (``sizes``; ties:
+    the first) is kept."""
     n = len(hashes)
     parent = list(range(n))
 
@@ -73,7 +92,10 @@ def find_duplicates(
             x = values[a] ^ values[a + 1 :]
             bits = table[x.view(np.uint8).reshape(-1, 8)].sum(axis=1)
             for b in np.nonzero(bits <= threshold)[0]:
-                ra, rb = root(valid[a]), root(valid[a + 1 + int(b)])
+                i, j = valid[a], valid[a + 1 + int(b)]
+                if colours is not None and not _close(colours[i], colours[j]):
+                    continue
+                ra, rb = root(i), root(j)
                 if ra != rb:
                     parent[max(ra, rb)] = min(ra, rb)
     groups: dict[int, list[int]] = {}

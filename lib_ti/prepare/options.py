@@ -86,7 +86,11 @@ class PrepareRequest:
 REQUIRED = ("source_dir", "output_dir")
 FIELD_TYPES: dict[str, Any] = typing.get_type_hints(PrepareRequest)
 MINIMUM: dict[str, float] = {"resolution": 0, "min_size": 1, "dedupe_threshold": 0, "max_tags": 0}
-MAXIMUM: dict[str, float] = {"resolution": TRAIN_MAXIMUM["resolution"], "min_size": 4096, "dedupe_threshold": 32}
+MAXIMUM: dict[str, float] = {
+    "resolution": TRAIN_MAXIMUM["resolution"],
+    "min_size": 4096,
+    "dedupe_threshold": 32,
+}
 _UNIT = ("tile_overlap", "general_threshold", "character_threshold")
 
 
@@ -136,4 +140,3 @@ def check(req: PrepareRequest) -> None:
 def with_resolution(req: PrepareRequest, resolution: int) -> PrepareRequest:
     """``req`` with its resolution decided (0 means the loaded model's)."""
     return replace(req, resolution=req.resolution or resolution)
-

@@ -24,7 +24,7 @@ from PIL import Image
 
 from lib_ti.io.atomic import atomic_write_bytes
 from lib_ti.prepare.crop import Upscale, fit
-from lib_ti.prepare.dedupe import find_duplicates, phash
+from lib_ti.prepare.dedupe import find_duplicates, mean_colour, phash
 from lib_ti.prepare.errors import PrepareError
 from lib_ti.prepare.options import PrepareRequest
 from lib_ti.prepare.sources import Source, find_sources, open_picture, parse_color, read_source_caption
@@ -138,7 +138,7 @@ def compose_caption(existing: str, new: str, prefix: str, mode: str) -> str:
         have = {t.strip() for t in existing.split(",")}
         extra = [t.strip() for t in new.split(",") if t.strip() and t.strip() not in have]
         text = ", ".join(x for x in (existing, ", ".join(extra)) if x)
-    if prefix and not (text == prefix or text.startswith(f"{prefix},") or text.startswith(f"{prefix} ")):
+    if prefix and not (text == prefix or text.startswith((f"{prefix},", f"{prefix} "))):
         text = f"{prefix}, {text}" if text else prefix
     return text
 
@@ -158,6 +158,7 @@ class _Steps:
 class _Survey:
     size: Size | None = None  # (height, width) as displayed
     hash: int | None = None
+    colour: tuple[int, int, int] | None = None
     reason: str = ""
 
 
@@ -166,7 +167,9 @@ def _survey(src: Source, req: PrepareRequest, background: tuple[int, int, int]) 
         img = open_picture(src.path, background, req.min_size)
     except ValueError as e:
         return _Survey(reason=str(e))
-    return _Survey((img.height, img.width), phash(img) if req.dedupe else None)
+    if not req.dedupe:
+        return _Survey((img.height, img.width))
+    return _Survey((img.height, img.width), phash(img), mean_colour(img))
 
 
 def _bounded(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[Any]:
@@ -266,7 +269,7 @@ def run_prepare(req: PrepareRequest, hooks: PrepareHooks | None = None) -> Prepa
         if req.dedupe and not report.stopped:
             groups = find_duplicates(
                 [s.hash for s in surveys], [s.size[0] * s.size[1] if s.size else 0 for s in surveys],
-                req.dedupe_threshold,
+                req.dedupe_threshold, [s.colour for s in surveys],
             )  # fmt: skip
             for g in groups:
                 report.duplicates.append(
@@ -278,7 +281,11 @@ def run_prepare(req: PrepareRequest, hooks: PrepareHooks | None = None) -> Prepa
                 )
                 if not req.keep_duplicates:
                     dropped.update(g.dropped)
-        todo = [] if report.stopped else [s for i, s in enumerate(sources) if not surveys[i].reason and i not in dropped]
+        todo = (
+            []
+            if report.stopped
+            else [s for i, s in enumerate(sources) if not surveys[i].reason and i not in dropped]
+        )
         steps.done = 2 * len(sources) - len(todo)
         names = _Names()
         ext = "jpg" if req.image_format == "jpg" else req.image_format

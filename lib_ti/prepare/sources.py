@@ -41,7 +41,7 @@ def register_plugins() -> None:
             if module == "pillow_heif":
                 mod.register_heif_opener()
             _PLUGINS_TRIED[module] = True
-        except Exception:  # noqa: BLE001 (a plugin that fails to load only leaves its format unread)
+        except Exception:
             _PLUGINS_TRIED[module] = False
 
 
@@ -76,7 +76,9 @@ def find_sources(folder: Path) -> tuple[list[Source], list[str]]:
     for root, dirs, files in os.walk(folder, followlinks=True):
         count += len(files)
         if count > MAX_FILES:
-            msg = f"{folder} holds more than {MAX_FILES} files (sub-folders included); choose a smaller folder"
+            msg = (
+                f"{folder} holds more than {MAX_FILES} files (sub-folders included); choose a smaller folder"
+            )
             raise PrepareError(msg)
         real = os.path.realpath(root)
         if real in seen:  # a symlink loop
@@ -116,7 +118,9 @@ def _why_unreadable(path: Path, e: Exception) -> str:
         return f"{ext[1:]} cannot be read by this Pillow (install {plugin}, or convert it to png)"
     if isinstance(e, Image.DecompressionBombError | Image.DecompressionBombWarning):
         return f"too large to open safely (more than {MAX_PIXELS} pixels)"
-    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError | PermissionError | UnidentifiedImageError):
+    if isinstance(e, OSError) and not isinstance(
+        e, FileNotFoundError | PermissionError | UnidentifiedImageError
+    ):
         return f"damaged or cut short ({e})"
     return skip_reason(e)
 
@@ -130,12 +134,13 @@ def open_picture(path: Path, background: tuple[int, int, int], min_size: int = M
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 if im.width * im.height > MAX_PIXELS:
-                    raise Image.DecompressionBombError(f"{im.width}x{im.height}")
+                    msg = f"{im.width}x{im.height}"
+                    raise Image.DecompressionBombError(msg)
                 if getattr(im, "n_frames", 1) > 1:
                     im.seek(0)
                 im.load()
                 img = oriented(im)
-    except Exception as e:  # noqa: BLE001 (any decoder failure is a reason to skip, never a crash)
+    except Exception as e:
         raise ValueError(_why_unreadable(path, e)) from e
     if min(img.size) < min_size:
         msg = f"too small ({img.width}x{img.height}; the smallest side must be at least {min_size} px)"

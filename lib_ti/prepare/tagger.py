@@ -56,6 +56,8 @@ HUB_URL = "https://huggingface.co/{repo}/resolve/main/{file}"
 PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 #: seconds a pip install of onnxruntime may take, and a download may wait for data
 PIP_TIMEOUT, DOWNLOAD_TIMEOUT = 1800, 60
+#: the oldest onnxruntime that runs the WD v3 models
+MIN_RUNTIME = (1, 17)
 _REPO_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
 Report = Callable[[str], None]
@@ -70,6 +72,12 @@ def _reason(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     text = lines[0].strip() if lines else type(e).__name__
     return text if len(text) <= 300 else text[:297] + "…"
+
+
+def _older_than(version: str, minimum: tuple[int, ...]) -> bool:
+    """``version`` (such as ``1.16.3``) is older than ``minimum``; False when it cannot be read."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return found is not None and (int(found[1]), int(found[2])) < minimum
 
 
 @dataclass(frozen=True)
@@ -267,12 +275,28 @@ def _command_text(cmd: list[str]) -> str:
     return subprocess.list2cmdline(cmd) if os.name == "nt" else shlex.join(cmd)
 
 
+def _broken_runtime(module: Any) -> TaggerError:
+    """The error for an onnxruntime folder without its code (what uninstalling one of onnxruntime and
+    onnxruntime-gpu leaves when both were installed)."""
+    cmd = [sys.executable, "-m", "pip", "install", "--force-reinstall", runtime_package()]
+    where = ", ".join(map(str, getattr(module, "__path__", None) or [getattr(module, "__file__", "?")]))
+    msg = (
+        f"onnxruntime in this Python is broken (no InferenceSession in {where}); "
+        f"run this by hand, then restart the web UI: {_command_text(cmd)}"
+    )
+    return TaggerError(msg)
+
+
 def ensure_onnxruntime(report: Report) -> Any:
     """The onnxruntime module, pip-installed into this Python first when it does not import."""
     try:
-        return importlib.import_module("onnxruntime")
+        found = importlib.import_module("onnxruntime")
     except ImportError:
         pass
+    else:
+        if not hasattr(found, "InferenceSession"):
+            raise _broken_runtime(found)
+        return found
     package = runtime_package()
     cmd = [sys.executable, "-m", "pip", "install", package]
     report(
@@ -293,7 +317,10 @@ def ensure_onnxruntime(report: Report) -> Any:
         output, failed = str(e), True
     if failed:
         tail = "\n".join(output.strip().splitlines()[-5:])
-        msg = f"could not install {package}; run this by hand, then restart the web UI: {_command_text(cmd)}\n{tail}"
+        msg = (
+            f"could not install {package}; run this by hand, then restart the web UI: {_command_text(cmd)}"
+            f"\n{tail}"
+        )
         raise TaggerError(msg.rstrip())
     importlib.invalidate_caches()
     try:
@@ -301,6 +328,8 @@ def ensure_onnxruntime(report: Report) -> Any:
     except Exception as e:
         msg = f"{package} was installed but does not load ({_reason(e)}); restart the web UI and try again"
         raise TaggerError(msg) from e
+    if not hasattr(module, "InferenceSession"):
+        raise _broken_runtime(module)
     logger.info("installed %s %s", package, getattr(module, "__version__", "?"))
     return module
 
@@ -389,25 +418,61 @@ def prepare_image(image: Image.Image, size: int) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img, dtype=np.float32)[:, :, ::-1])
 
 
+@dataclass(frozen=True)
+class Signature:
+    """What a WD tagger model takes and gives."""
+
+    input: str
+    output: str
+    #: the side of the square pictures it takes
+    size: int
+    #: how many pictures one run takes: None where the batch size is free (WD v3), else fixed (v2 models)
+    batch: int | None
+    #: how many scores it gives per picture (None when the model leaves it open)
+    width: int | None
+
+
+def _signature(session: Any, folder: Path) -> Signature:
+    """The signature of an open model; TaggerError unless it takes one [batch, side, side, 3] input and
+    gives [batch, n_tags] first."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    shape = list(inputs[0].shape) if len(inputs) == 1 else []
+    out_shape = list(outputs[0].shape) if outputs else []
+    if (
+        len(shape) != 4
+        or shape[3] != 3
+        or not isinstance(shape[1], int)
+        or shape[1] != shape[2]
+        or len(out_shape) != 2
+    ):
+        msg = (
+            f"{folder / 'model.onnx'} is not a WD tagger model (it takes {[(i.name, i.shape) for i in inputs]} "
+            f"and gives {[(o.name, o.shape) for o in outputs]}, not one [batch, side, side, 3] input and "
+            f"[batch, tags] scores); delete {folder} to download it again"
+        )
+        raise TaggerError(msg)
+    batch, width = shape[0], out_shape[1]
+    return Signature(
+        inputs[0].name,
+        outputs[0].name,
+        shape[1],
+        batch if isinstance(batch, int) and batch > 0 else None,
+        width if isinstance(width, int) else None,
+    )
+
+
 class WdTagger:
     """An open WD tagger model and its tag list."""
 
-    def __init__(self, session: Any, tags: list[Tag], folder: Path) -> None:
+    def __init__(self, session: Any, tags: list[Tag], folder: Path, signature: Signature) -> None:
         self.folder = folder
         self.tags = tags
+        self.signature = signature
         self._session = session
-        inputs, outputs = session.get_inputs(), session.get_outputs()
-        model = folder / "model.onnx"
-        shape = list(inputs[0].shape) if len(inputs) == 1 else []
-        if len(shape) != 4 or shape[3] != 3 or not isinstance(shape[1], int) or shape[1] != shape[2]:
-            msg = (
-                f"{model} is not a WD tagger model (it takes {[(i.name, i.shape) for i in inputs]}, not one "
-                f"[batch, side, side, 3] input); delete {folder} to download it again"
-            )
-            raise TaggerError(msg)
-        self._input, self._output = inputs[0].name, outputs[0].name
         #: the side of the square pictures the model takes
-        self.size: int = shape[1]
+        self.size = signature.size
+        #: how many pictures one run takes (None: any number)
+        self.batch = signature.batch
         #: the execution providers the session runs on (CPU only when CUDA could not start)
         self.providers: list[str] = list(session.get_providers())
 
@@ -432,7 +497,10 @@ class WdTagger:
             deps.fetch(args.model, folder, report)
             missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
             if missing:
-                msg = f"{' and '.join(missing)} still missing from {folder} after the download; put them there by hand"
+                msg = (
+                    f"{' and '.join(missing)} still missing from {folder} after the download; "
+                    "put them there by hand"
+                )
                 raise TaggerError(msg)
         ort = deps.install(report)
         available = list(ort.get_available_providers())
@@ -441,11 +509,20 @@ class WdTagger:
         try:
             session = ort.InferenceSession(str(model), providers=providers)
         except Exception as e:  # onnxruntime's errors derive from Exception only
-            msg = f"{model} is not a usable ONNX model ({_reason(e)}); delete {folder} to download it again"
+            version = str(getattr(ort, "__version__", ""))
+            if _older_than(version, MIN_RUNTIME):
+                msg = (
+                    f"onnxruntime {version} cannot open {model} ({_reason(e)}); WD v3 models need onnxruntime "
+                    f"{'.'.join(map(str, MIN_RUNTIME))} or newer: update it and restart the web UI"
+                )
+            else:
+                msg = (
+                    f"{model} is not a usable ONNX model ({_reason(e)}); delete {folder} to download it again"
+                )
             raise TaggerError(msg) from e
-        width = session.get_outputs()[0].shape[-1]
-        tags = load_tags(folder / "selected_tags.csv", width if isinstance(width, int) else None)
-        tagger = cls(session, tags, folder)
+        signature = _signature(session, folder)
+        tags = load_tags(folder / "selected_tags.csv", signature.width)
+        tagger = cls(session, tags, folder, signature)
         logger.info(
             "WD tagger %s: %d tags, %dpx, on %s", args.model, len(tags), tagger.size, tagger.providers
         )
@@ -453,18 +530,25 @@ class WdTagger:
         return tagger
 
     def scores(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """[len(images), n_tags] float32 probabilities, the pictures run as one batch."""
-        if not images:
-            return np.zeros((0, len(self.tags)), dtype=np.float32)
+        """[len(images), n_tags] float32 probabilities, the pictures run as one batch (in runs of the
+        model's fixed batch size where it has one)."""
+        step = self.batch or max(len(images), 1)
+        runs = [self._run(images[i : i + step]) for i in range(0, len(images), step)]
+        return np.concatenate(runs) if runs else np.zeros((0, len(self.tags)), dtype=np.float32)
+
+    def _run(self, images: Sequence[Image.Image]) -> np.ndarray:
         batch = np.stack([prepare_image(im, self.size) for im in images])
         try:
-            out = self._session.run([self._output], {self._input: batch})[0]
+            out = self._session.run([self.signature.output], {self.signature.input: batch})[0]
         except Exception as e:  # onnxruntime's errors derive from Exception only
             msg = f"the WD tagger failed on {len(images)} picture(s) ({_reason(e)})"
             raise TaggerError(msg) from e
         out = np.asarray(out, dtype=np.float32)
         if out.shape != (len(images), len(self.tags)):
-            msg = f"the model in {self.folder} gave scores of shape {out.shape} for {len(images)} picture(s) and {len(self.tags)} tags"
+            msg = (
+                f"the model in {self.folder} gave scores of shape {out.shape} for {len(images)} picture(s) "
+                f"and {len(self.tags)} tags"
+            )
             raise TaggerError(msg)
         return out
 

@@ -64,6 +64,8 @@ class JobStatus:
     resumed_from: int | None = None
     #: seconds spent in each phase: startup, caching, steps, validation, saving, previews
     timings: dict[str, float] = field(default_factory=dict)
+    #: what a Prepare job did: images written, pictures skipped, duplicates, captions
+    report: dict[str, Any] = field(default_factory=dict)
 
     @property
     def running(self) -> bool:

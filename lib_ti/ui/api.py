@@ -33,6 +33,9 @@ from lib_ti.create import CreateArgs, InitMode
 from lib_ti.errors import EmbeddingExists, JobNotFound, NotFoundError, TIError, short_repr
 from lib_ti.io.formats import read_embedding
 from lib_ti.io.library import list_files
+from lib_ti.prepare.options import FIELD_TYPES as PREPARE_TYPES
+from lib_ti.prepare.options import REQUIRED as PREPARE_REQUIRED
+from lib_ti.prepare.options import PrepareRequest
 from lib_ti.service import Service
 from lib_ti.stats import embedding_stats
 from lib_ti.training.jobs import BusyError, JobStatus
@@ -116,14 +119,56 @@ def _train_body() -> type[BaseModel]:
 
 
 TrainBody = _train_body()
+
+
+def _prepare_body() -> type[BaseModel]:
+    """The body of POST /ti/v1/prepare: PrepareRequest's fields; all but the two folders may be left out."""
+    spec: dict[str, Any] = {
+        f.name: (PREPARE_TYPES[f.name], ...)
+        if f.name in PREPARE_REQUIRED
+        else (Optional[PREPARE_TYPES[f.name]], None)  # noqa: UP045
+        for f in fields(PrepareRequest)
+    }
+    return create_model("PrepareBody", __base__=StrictBody, **spec)
+
+
+PrepareBody = _prepare_body()
+CaptionOp = Literal["replace", "remove_tag", "rename_tag", "sort_tags", "add_tags", "set", "undo"]
+
+
+class CaptionsBody(StrictBody):
+    folder: str
+    op: CaptionOp
+    #: replace: the text (or regex) to find and what replaces it
+    find: Optional[str] = None  # noqa: UP045
+    replace: Optional[str] = None  # noqa: UP045
+    regex: bool = False
+    #: remove_tag, rename_tag: the tag; rename_tag: its new name
+    tag: Optional[str] = None  # noqa: UP045
+    new_tag: Optional[str] = None  # noqa: UP045
+    #: add_tags: comma-separated tags, at the start or the end
+    tags: Optional[str] = None  # noqa: UP045
+    at_start: bool = True
+    #: set: image (relative to the folder) -> its new caption
+    captions: Optional[dict[str, str]] = None  # noqa: UP045
+
+
 #: the type of each body field that has a value set
-_CHOICES: dict[str, Any] = {**FIELD_TYPES, "init_mode": InitMode, "format": SaveFormat}
+_CHOICES: dict[str, Any] = {
+    **PREPARE_TYPES,
+    **FIELD_TYPES,
+    "init_mode": InitMode,
+    "format": SaveFormat,
+    "op": CaptionOp,
+}
 BODIES: dict[str, type[BaseModel]] = {
     "create": CreateBody,
     "merge": MergeBody,
     "evaluate": EvaluateBody,
     "inspect": InspectBody,
     "train": TrainBody,
+    "prepare": PrepareBody,
+    "captions": CaptionsBody,
 }
 
 
@@ -446,6 +491,24 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
         job = service.start_training(train_fields(body))
         return JSONResponse(status_code=202, content={"job": job.id})
 
+    def prepare_options() -> Any:
+        return service.prepare.options()
+
+    def prepare(body: Any) -> Any:
+        given = {k: v for k, v in validate(PrepareBody, body).items() if v is not None}
+        job = service.prepare.start(given, service.loaded_kind)
+        return JSONResponse(status_code=202, content={"job": job.id})
+
+    def captions(folder: str = "") -> Any:
+        if not folder.strip():
+            raise ApiError(400, "give the folder: /ti/v1/captions?folder=<path>")
+        return service.prepare.captions(folder)
+
+    def captions_post(body: Any) -> Any:
+        b = validate(CaptionsBody, body)
+        folder, op = b.pop("folder"), b.pop("op")
+        return service.prepare.edit_captions(folder, op, **b)
+
     def job_status(job_id: str) -> Any:
         return status_view(_job(job_id).status)
 
@@ -475,5 +538,9 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
     body_route("/merge", merge, MergeBody)
     body_route("/evaluate", evaluate, EvaluateBody)
     body_route("/train", train, TrainBody)
+    route("/prepare", prepare_options, "GET")
+    body_route("/prepare", prepare, PrepareBody)
+    route("/captions", captions, "GET")
+    body_route("/captions", captions_post, CaptionsBody)
     route("/jobs/{job_id}", job_status, "GET")
     route("/jobs/{job_id}/stop", job_stop, "POST")
