@@ -169,7 +169,7 @@ def test_the_wd_tagger_captions_through_a_job(api, tmp_path: Path) -> None:
                 **body,
                 "output_dir": str(tmp_path / "b"),
                 "caption_mode": "overwrite",
-                "general_threshold": 0.9,
+                "general_threshold": 0.96,
             },
         ).json()["job"],
     )
