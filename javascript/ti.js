@@ -28,3 +28,27 @@ function tiTrainStart() {
     }
     return args;
 }
+
+// The Prepare button: as tiTrainStart, with the Prepare view's progress bar.
+function tiPrepareStart() {
+    const args = Array.from(arguments);
+    const id = "task(ti-prepare-" + Math.random().toString(36).slice(2, 10) + ")";
+    args[0] = id;
+    const anchor = gradioApp().getElementById("ti_prepare_progress");
+    if (anchor && typeof requestProgress === "function") {
+        requestProgress(id, anchor, null, function() {}, null, 120);
+    }
+    return args;
+}
+
+// "Use this folder for training": show the Train view (its folder box was just filled).
+function tiShowTrain() {
+    const buttons = gradioApp().querySelectorAll("#ti_tabs button");
+    for (const button of buttons) {
+        if (button.textContent.trim() === "Train") {
+            button.click();
+            break;
+        }
+    }
+    return [];
+}

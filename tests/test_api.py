@@ -128,7 +128,9 @@ def test_schema_route_lists_every_body_and_field(api):
     assert set(train["required"]) == {"embedding"}  # dataset_dir may be left out when resuming
     assert schema["aliases"]["train"]["learning_rate"] == "lr"
     prepare = schema["bodies"]["prepare"]
-    assert set(prepare["required"]) == {"source_dir", "output_dir"} and "tagger_model" in prepare["properties"]
+    assert (
+        set(prepare["required"]) == {"source_dir", "output_dir"} and "tagger_model" in prepare["properties"]
+    )
     assert "bogus" not in str(train["properties"]["lr_shape"]) and "cosine" in str(
         train["properties"]["lr_shape"]
     )

@@ -111,6 +111,17 @@ def sample_args(host) -> dict[str, object]:
         "job_id": "",
         "task_id": "",
         "upload": str(host.embeddings_dir() + "/one.safetensors"),
+        # the Prepare view's caption editor, on the training folder
+        "folder": data,
+        "output_dir": data,
+        "find": "plain",
+        "replace": "simple",
+        "regex": False,
+        "tag": "simple",
+        "new_tag": "flat",
+        "tags": "sks",
+        "at_start": True,
+        "table": [["0.png", "color 0, flat, sks"]],
     }
 
 
@@ -144,6 +155,7 @@ def call(fn, args):
 
 
 def test_tab_builds_and_every_handler_matches_its_wiring(host):
+    from lib_ti.ui.prepare_view import FIELDS as PREPARE_FIELDS
     from lib_ti.ui.tab import TAB_ID, TAB_TITLE, on_ui_tabs
     from lib_ti.ui.train_view import FIELDS
 
@@ -161,10 +173,17 @@ def test_tab_builds_and_every_handler_matches_its_wiring(host):
         "TrainHandlers.current", "TrainHandlers.unfinished", "TrainHandlers.resume",
         "InspectHandlers.describe", "InspectHandlers.describe_upload", "InspectHandlers.refresh",
         "InspectHandlers.compare", "InspectHandlers.save_as",
+        "PrepareHandlers.start", "PrepareHandlers.watch", "PrepareHandlers.stop", "PrepareHandlers.load",
+        "PrepareHandlers.save_table", "PrepareHandlers.undo", "PrepareHandlers.replace",
+        "PrepareHandlers.remove_tag", "PrepareHandlers.rename_tag", "PrepareHandlers.add_tags",
+        "PrepareHandlers.sort_tags", "PrepareHandlers.output_folder", "PrepareHandlers.refresh",
     }  # fmt: skip
     called = set()
     for fn, n_in, n_out in handlers:
         params = pyinspect.signature(fn).parameters
+        if fn.__qualname__ == "PrepareHandlers.start":  # start(task_id, *form): its own test runs it
+            assert n_in == 1 + len(PREPARE_FIELDS), (fn.__qualname__, n_in)
+            continue
         if any(p.kind is p.VAR_POSITIONAL for p in params.values()):  # start(task_id, *form)
             assert n_in == 1 + len(FIELDS), (fn.__qualname__, n_in)
             args = ["", *form_values(host, embedding="one")]
@@ -448,3 +467,48 @@ def test_user_templates_and_pt_copy(host, tmp_path):
     assert job.status.state == "finished", job.status.message
     assert read_embedding(tmp_path / "logs" / "copyme" / "copyme.pt").step == 1
     assert not (tmp_path / "embeddings" / "copyme.pt").exists()  # one file per name in the folder
+
+
+def test_prepare_view_prepares_and_edits_captions(host, tmp_path):
+    from lib_ti.ui.prepare_view import DEFAULTS, FIELDS, LANCZOS, PrepareHandlers
+
+    src, out = tmp_path / "raw", tmp_path / "set"
+    src.mkdir()
+    for i, c in enumerate([(200, 40, 40), (40, 200, 40)]):
+        Image.new("RGB", (300 + 100 * i, 300), c).save(src / f"p{i}.jpg")
+    Image.new("RGB", (1, 1)).save(src / "dot.png")
+    h = PrepareHandlers(host)
+    names, note = h.captioners()
+    assert names == ["none", "wd14"] and "no BLIP and DeepBooru" in note
+    assert h.upscalers() == [LANCZOS]
+    form = {f: getattr(DEFAULTS, f) for f in FIELDS}
+    # what the components hand over: floats for whole numbers, the Lanczos label for ""
+    form.update(source_dir=str(src), output_dir=str(out), upscaler=LANCZOS, resolution=256.0, min_size=64.0,
+                caption_prefix="[name], photo")  # fmt: skip
+    job_id, status = h.start("", *[form[f] for f in FIELDS])
+    assert job_id.startswith("prepare-"), status
+    status, report = list(h.watch(job_id))[-1]
+    assert "✔ done" in status and "2 image(s) and 2 caption(s)" in status, status
+    assert "dot.png" in report and "too small" in report and "256x256" in report
+    gallery, table, tags, message = h.load(str(out))
+    assert (
+        len(gallery) == 2
+        and table[0] == ["p0.png", "[name], photo"]
+        and tags == [["[name]", 2], ["photo", 2]]
+    )
+    table[1][1] = "[name], photo, green"
+    *_, message = h.save_table(str(out), table)
+    assert (
+        "saved the caption of p1.png" in message
+        and (out / "p1.txt").read_text(encoding="utf-8").strip() == "[name], photo, green"
+    )
+    _, _, tags, message = h.rename_tag(str(out), "photo", "picture")
+    assert ["picture", 2] in tags, message
+    _, table, _, _ = h.undo(str(out))
+    assert table[1] == ["p1.png", "[name], photo, green"]
+    *_, message = h.remove_tag(str(out), "")
+    assert "⚠" in message
+    assert h.output_folder(f" {out} ") == str(out)
+    # a second run into the same folder refuses without overwrite, naming the folder
+    _, status = h.start("", *[form[f] for f in FIELDS])
+    assert "already holds files" in status

@@ -1,11 +1,11 @@
-"""The extension's top-level tab: Create, Merge, Train and Inspect."""
+"""The extension's top-level tab: Create, Merge, Prepare, Train and Inspect."""
 
 from __future__ import annotations
 
 import gradio as gr
 
 from lib_ti.hostinfo import HostInfo
-from lib_ti.ui import create_view, inspect_view, merge_view, train_view
+from lib_ti.ui import create_view, inspect_view, merge_view, prepare_view, train_view
 
 TAB_TITLE = "Textual Inversion"
 TAB_ID = "ti_tab"
@@ -17,8 +17,12 @@ def build_tab(host: HostInfo) -> gr.Blocks:
             create_view.build(host)
         with gr.Tab("Merge", elem_id="ti_tab_merge"):
             merge_view.build(host)
+        with gr.Tab("Prepare", elem_id="ti_tab_prepare"):
+            prepare = gr.Column()
         with gr.Tab("Train", elem_id="ti_tab_train") as train_tab:
-            train_view.build(host, shown=train_tab)
+            train = train_view.build(host, shown=train_tab)
+        with prepare:  # built after Train: its "Use this folder for training" fills Train's folder box
+            prepare_view.build(host, train_dataset=train.components["dataset_dir"])
         with gr.Tab("Inspect", elem_id="ti_tab_inspect"):
             inspect_view.build(host)
     return blocks
