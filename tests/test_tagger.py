@@ -626,17 +626,26 @@ def test_ensure_onnxruntime_returns_the_module_without_pip(monkeypatch):
 def test_ensure_onnxruntime_installs_when_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails
     monkeypatch.setattr(tg, "runtime_package", lambda: "onnxruntime")
-    ran = []
+    ran, pins = [], []
 
     def pip(cmd, **kwargs):
         ran.append(cmd)
+        pins.extend(Path(cmd[-1]).read_text(encoding="utf-8").split())
         sys.modules["onnxruntime"] = onnxruntime  # installed
         return subprocess.CompletedProcess(cmd, 0, "Successfully installed onnxruntime", "")
 
     monkeypatch.setattr(subprocess, "run", pip)
     messages = []
     assert ensure_onnxruntime(messages.append) is onnxruntime
-    assert ran == [[sys.executable, "-m", "pip", "install", "onnxruntime"]]
+    [cmd] = ran
+    assert cmd[:6] == [sys.executable, "-m", "pip", "install", "onnxruntime>=1.17", "-c"]
+    # every package this Python has is pinned where it is (an install never changes numpy, protobuf...)
+    import numpy
+
+    assert f"numpy=={numpy.__version__}" in pins and not any(
+        p.lower().startswith("onnxruntime==") for p in pins
+    )
+    assert not Path(cmd[-1]).exists()  # the constraints file is removed
     assert messages == [
         "installing onnxruntime into this web UI's Python (first use of the WD tagger; this takes a minute)"
     ]
@@ -650,8 +659,10 @@ def test_ensure_onnxruntime_failure_names_the_command(monkeypatch):
     with pytest.raises(TaggerError) as e:
         ensure_onnxruntime(lambda m: None)
     text = str(e.value)
-    assert text.startswith("could not install onnxruntime-gpu; run this by hand, then restart the web UI: ")
-    assert "-m pip install onnxruntime-gpu" in text and sys.executable in text
+    assert text.startswith(
+        "could not install onnxruntime-gpu without changing the web UI's own packages; run this by hand, then restart the web UI: "
+    )
+    assert "-m pip install 'onnxruntime-gpu>=1.17'" in text and sys.executable in text
     assert text.endswith("line 15\nline 16\nline 17\nline 18\nline 19") and "line 14" not in text
 
     def timeout(cmd, **kw):

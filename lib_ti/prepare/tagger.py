@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import importlib
+import importlib.metadata
 import logging
 import os
 import re
@@ -287,6 +288,31 @@ def _broken_runtime(module: Any) -> TaggerError:
     return TaggerError(msg)
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_SAFE_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+!_-]*")
+
+
+def installed_pins() -> list[str]:
+    """``name==version`` of every distribution this Python has, onnxruntime's own left out: the
+    constraints that keep an install from changing anything the web UI has (A1111 pins protobuf 3.20,
+    which the newest onnxruntime would replace)."""
+    pins: dict[str, str] = {}
+    for dist in importlib.metadata.distributions():  # in sys.path order: the first of a name is imported
+        name, version = dist.metadata.get("Name") or "", dist.version or ""
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in pins or key in ("onnxruntime", "onnxruntime-gpu"):
+            continue
+        if _SAFE_NAME.fullmatch(name) and _SAFE_VERSION.fullmatch(version):
+            pins[key] = f"{name}=={version}"
+    return sorted(pins.values(), key=str.lower)
+
+
+def install_command(package: str, constraints: str) -> list[str]:
+    """The pip command that adds ``package`` (at least the version WD v3 needs) under ``constraints``."""
+    low = ".".join(map(str, MIN_RUNTIME))
+    return [sys.executable, "-m", "pip", "install", f"{package}>={low}", "-c", constraints]
+
+
 def ensure_onnxruntime(report: Report) -> Any:
     """The onnxruntime module, pip-installed into this Python first when it does not import."""
     try:
@@ -298,10 +324,13 @@ def ensure_onnxruntime(report: Report) -> Any:
             raise _broken_runtime(found)
         return found
     package = runtime_package()
-    cmd = [sys.executable, "-m", "pip", "install", package]
     report(
         "installing onnxruntime into this web UI's Python (first use of the WD tagger; this takes a minute)"
     )
+    fd, constraints = tempfile.mkstemp(prefix="ti-onnxruntime-", suffix=".txt")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("\n".join(installed_pins()) + "\n")
+    cmd = install_command(package, constraints)
     try:
         run = subprocess.run(
             cmd,
@@ -315,10 +344,14 @@ def ensure_onnxruntime(report: Report) -> Any:
         output, failed = (run.stdout or "") + (run.stderr or ""), run.returncode != 0
     except (OSError, subprocess.TimeoutExpired) as e:
         output, failed = str(e), True
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(constraints)
     if failed:
         tail = "\n".join(output.strip().splitlines()[-5:])
         msg = (
-            f"could not install {package}; run this by hand, then restart the web UI: {_command_text(cmd)}"
+            f"could not install {package} without changing the web UI's own packages; run this by hand, "
+            f"then restart the web UI: {_command_text([*cmd[:5]])}"
             f"\n{tail}"
         )
         raise TaggerError(msg.rstrip())
