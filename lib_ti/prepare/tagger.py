@@ -298,7 +298,7 @@ def installed_pins() -> list[str]:
     which the newest onnxruntime would replace)."""
     pins: dict[str, str] = {}
     for dist in importlib.metadata.distributions():  # in sys.path order: the first of a name is imported
-        name, version = dist.metadata.get("Name") or "", dist.version or ""
+        name, version = dist.metadata["Name"] or "", dist.version or ""
         key = re.sub(r"[-_.]+", "-", name).lower()
         if key in pins or key in ("onnxruntime", "onnxruntime-gpu"):
             continue
