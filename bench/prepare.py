@@ -4,7 +4,7 @@
 
 Pictures are made here (smooth gradients with shapes, saved as jpg like camera photos). Two runs side by
 side: the thread pool Prepare uses and a single thread, each reading, de-duplicating, focal-cropping to
-the trainer's buckets and writing png, with no captions. Then the tiny WD tagger model of the tests
+the trainer's buckets and writing png, with no captions. Prepare uses one thread per core, at most 4. Then the tiny WD tagger model of the tests
 (the real model's input and output, 448 px) captions the written images in batches of 8; a real WD v3
 model's network costs more, the pre-processing (padding, bicubic resize) is the same.
 
@@ -84,9 +84,10 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=40)
     ap.add_argument("--size", default="3000x2000")
     ap.add_argument("--resolution", type=int, default=1024)
+    ap.add_argument("--workers", type=int, default=0, help="threads of the pool run (0: what Prepare uses)")
     a = ap.parse_args()
     w, h = (int(v) for v in a.size.split("x"))
-    default_workers = pipeline.workers()
+    default_workers = a.workers or pipeline.workers()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "src").mkdir()

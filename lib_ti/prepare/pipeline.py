@@ -46,8 +46,10 @@ _SAVE_ARGS: dict[str, dict[str, Any]] = {
 
 
 def workers() -> int:
-    """Threads for reading and resizing: all cores but one, at most 4 (the host keeps serving)."""
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
+    """Threads for reading, resizing and encoding: one per core, at most 4. Pillow releases the GIL
+    while it works, and the threads hold no lock the web UI needs, so a generation meanwhile shares
+    the cores and completes (tests/host/test_prepare_host.py)."""
+    return max(1, min(4, os.cpu_count() or 2))
 
 
 @dataclass
@@ -240,8 +242,9 @@ def run_prepare(req: PrepareRequest, hooks: PrepareHooks | None = None) -> Prepa
 
         upscale = upscale_locked
 
-    def make(src: Source) -> tuple[list[tuple[str, Image.Image]], str, Size | None]:
-        """The images of one source (name suffix, image) and its reason when it is skipped."""
+    def make(src: Source) -> tuple[list[tuple[str, bytes, str]], str, Size | None]:
+        """The encoded images of one source (name suffix, file bytes, "WxH") and its reason when it is
+        skipped; decoding, fitting and encoding all happen here, in a worker thread."""
         try:
             img = open_picture(src.path, background, req.min_size)
         except ValueError as e:
@@ -251,7 +254,7 @@ def run_prepare(req: PrepareRequest, hooks: PrepareHooks | None = None) -> Prepa
         named = [(f"-tile{i + 1}" if len(pieces) > 1 else "", p) for i, p in enumerate(pieces)]
         if req.flip_copies:
             named += [(f"{s}-flip", p.transpose(Image.Transpose.FLIP_LEFT_RIGHT)) for s, p in named]
-        return named, "", bucket
+        return [(s, _encode(p, req.image_format), f"{p.width}x{p.height}") for s, p in named], "", bucket
 
     # (output file relative to out_dir, the source's caption, captioner input?) of every image written
     outputs: list[tuple[str, str, bool]] = []
@@ -296,14 +299,13 @@ def run_prepare(req: PrepareRequest, hooks: PrepareHooks | None = None) -> Prepa
                 continue
             stem = names.take(src.rel)
             caption = read_source_caption(src)
-            for suffix, img in named:
+            for suffix, data, key in named:
                 rel = f"{stem}{suffix}.{ext}"
                 target = out_dir / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(target, _encode(img, req.image_format), overwrite=True)
+                atomic_write_bytes(target, data, overwrite=True)
                 report.written.append(rel)
                 outputs.append((rel, caption, "-flip" not in suffix))
-                key = f"{img.width}x{img.height}"
                 report.buckets[key] = report.buckets.get(key, 0) + 1
             steps.tick(f"wrote {stem} ({bucket[1]}x{bucket[0]})" if bucket else f"wrote {stem}")
             if hooks.should_stop():

@@ -215,7 +215,9 @@ def a1111(host_paths, tmp_path_factory):
     seed_embeddings(embeddings)
     port = int(os.environ.get("SD_WEBUI_PORT", "7861"))
     log = tmp_path_factory.mktemp("host") / "webui.log"
-    with running_host(webui, python, embeddings, log, port, []) as (host, _proc):
+    # a request before the API is added stops A1111 too ("Cannot add middleware after an application has
+    # started"): wait for its start-up line
+    with running_host(webui, python, embeddings, log, port, [], started_line="Startup time") as (host, _proc):
         host.get("/sdapi/v1/sd-models", timeout=60)
         host.post("/sdapi/v1/reload-checkpoint", {})  # waits for the start-up checkpoint load
         yield host

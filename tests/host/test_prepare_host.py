@@ -165,16 +165,20 @@ def test_a_generation_during_a_prepare_run_completes(a1111, tmp_path):
         a, b = rng.uniform(0.002, 0.02, 2)
         arr = np.stack([127 + 120 * np.sin(a * x + i), 127 + 120 * np.cos(b * y), (x + y) % 256], -1)
         Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(src / f"{i:02d}.png", compress_level=1)
+    gen = {"prompt": "during prepare", "steps": 2, "width": 64, "height": 64}
+    t0 = time.time()
+    host.post("/sdapi/v1/txt2img", gen)
+    idle_s = time.time() - t0
     job = host.post("/ti/v1/prepare", {"source_dir": str(src), "output_dir": str(tmp_path / "out"),
                                        "resolution": 512, "dedupe": False})["job"]  # fmt: skip
     time.sleep(0.5)
     assert host.get(f"/ti/v1/jobs/{job}")["state"] == "running"
     t0 = time.time()
-    r = host.post("/sdapi/v1/txt2img", {"prompt": "during prepare", "steps": 2, "width": 64, "height": 64})
+    r = host.post("/sdapi/v1/txt2img", gen)
     gen_s = time.time() - t0
     during = host.get(f"/ti/v1/jobs/{job}")
     st = wait_job(host, job)
-    print(f"generation during prepare: {gen_s:.1f} s; prepare then at {during['step']}/{during['steps']}, "
+    print(f"generation during prepare: {gen_s:.2f} s (idle {idle_s:.2f} s, ratio {gen_s / idle_s:.2f}); prepare then at {during['step']}/{during['steps']}, "
           f"ended after {st['report']['seconds']} s")  # fmt: skip
     assert len(r["images"]) == 1
     assert during["state"] == "running", "the generation finished while the Prepare run was still going"
