@@ -103,6 +103,8 @@ class HostServices:
     progress_queued: Callable[[str], None] = lambda task_id: None
     #: the job's total steps changed (Prepare learns its total as it goes)
     progress_total: Callable[[int], None] = lambda total: None
+    #: the host's name for people ("Forge Neo"), in messages
+    label: str = "this web UI"
     #: the host's models folder (Prepare keeps the tagger's model files in ``<models>/ti-taggers``)
     models_dir: Callable[[], str] = lambda: ""
     #: the host's upscalers by name, and one of them run: (image, name, scale) -> a larger image

@@ -378,3 +378,29 @@ def test_empty_source_and_missing_source(tmp_path: Path) -> None:
         run_prepare(request(tmp_path / "empty", tmp_path / "out"))
     with pytest.raises(PrepareError, match="does not exist"):
         run_prepare(request(tmp_path / "missing", tmp_path / "out2"))
+
+
+def test_a_failing_captioner_keeps_the_images_and_the_other_captions(source: Path, tmp_path: Path) -> None:
+    calls = []
+
+    def caption(images: list[Image.Image]) -> list[str]:
+        calls.append(len(images))
+        msg = "the web UI's deepbooru interrogator failed (URLError: no network)"
+        raise PrepareError(msg)
+
+    out = tmp_path / "out"
+    report = run_prepare(request(source, out, caption_prefix="sks"), PrepareHooks(caption=caption))
+    assert calls == [5] and len(report.written) == 5 and report.captions == 5
+    assert "deepbooru interrogator failed" in report.caption_error and "captioning stopped" in report.summary()
+    assert (out / "wide.txt").read_text(encoding="utf-8") == "sks, a landscape, hills\n"
+
+
+def test_avif_without_a_plugin_says_what_to_install(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "photo.avif").write_bytes(b"\x00\x00\x00\x1cftypavif" + b"\x00" * 64)
+    gradient(300, 300).save(src / "ok.png")
+    report = run_prepare(request(src, tmp_path / "out"))
+    assert report.written == ["ok.png"]
+    [reason] = report.skipped
+    assert reason.startswith("photo.avif: ") and ("pillow-avif-plugin" in reason or "damaged" in reason)

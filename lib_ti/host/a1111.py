@@ -144,6 +144,7 @@ class A1111Adapter(webui.WebUIAdapter):
             **webui.common_services(),
             build_parts=_parts,
             reload_embeddings=reload_embeddings,
+            label=self.label,
             freeze_model=_freeze,
             preview=preview,
             embedding_status=embedding_status,

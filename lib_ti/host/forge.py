@@ -188,6 +188,7 @@ class ForgeAdapter(webui.WebUIAdapter):
             **services,
             build_parts=_parts,
             reload_embeddings=reload_embeddings,
+            label=self.label,
             freeze_model=_freeze,
             preview=_preview,
             embedding_status=embedding_status,

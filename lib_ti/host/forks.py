@@ -47,6 +47,7 @@ class LdmPatchedAdapter(a1111.A1111Adapter):
     def host_services(self) -> HostServices:
         return dataclasses.replace(
             super().host_services(),
+            label=self.label,
             build_parts=_parts,
             freeze_model=_freeze,
             preview=_preview,

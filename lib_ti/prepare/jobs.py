@@ -52,10 +52,9 @@ CAPTIONER_LABELS = {
 class PrepareService:
     """Prepare jobs and caption edits, over the service's host and job manager."""
 
-    def __init__(self, host: HostServices, jobs: JobManager, host_label: str = "this web UI") -> None:
+    def __init__(self, host: HostServices, jobs: JobManager) -> None:
         self.host = host
         self.jobs = jobs
-        self.host_label = host_label
         #: how the WD tagger fetches its files and installs onnxruntime (tests replace it)
         self.tagger_deps = TaggerDeps()
         self._tagger: tuple[tuple[str, str], WdTagger] | None = None
@@ -71,7 +70,7 @@ class PrepareService:
         if not missing:
             return ""
         names = " and ".join(n.upper() if n == "blip" else "DeepBooru" for n in missing)
-        return f"{self.host_label} has no {names} interrogator; the WD tagger works everywhere."
+        return f"{self.host.label} has no {names} interrogator; the WD tagger works everywhere."
 
     def upscalers(self) -> list[str]:
         """The host's upscalers a small picture may be enlarged with ("": Lanczos)."""
@@ -152,7 +151,7 @@ class PrepareService:
             return lambda images: tagger.tag(images, args)
         interrogate = self.host.interrogate
         if interrogate is None:
-            msg = f"{self.host_label} has no interrogator {req.captioner!r}"
+            msg = f"{self.host.label} has no interrogator {req.captioner!r}"
             raise PrepareError(msg)
         name = req.captioner
 
@@ -212,7 +211,9 @@ class PrepareService:
         st.file = report.output_dir
         st.message = report.summary()
         st.eta_seconds = 0.0
-        if report.stopped:
+        if report.caption_error:
+            st.state = "failed"
+        elif report.stopped:
             st.state = "stopped"
 
     # ------------------------------------------------------------------ captions

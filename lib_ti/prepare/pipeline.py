@@ -83,6 +83,8 @@ class PrepareReport:
     #: images per bucket, as "widthxheight": count
     buckets: dict[str, int] = field(default_factory=dict)
     stopped: bool = False
+    #: why the captioner stopped captioning (the images and the other captions are written)
+    caption_error: str = ""
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -92,6 +94,8 @@ class PrepareReport:
         dropped = sum(len(g["duplicates"]) for g in self.duplicates if not g["copied"])
         if dropped:
             text += f"; {dropped} near-duplicate(s) left out"
+        if self.caption_error:
+            text += f"; captioning stopped: {self.caption_error}"
         return text + (" (stopped)" if self.stopped else "")
 
 
@@ -337,8 +341,12 @@ def _write_captions(
             for rel in batch:
                 with Image.open(out_dir / rel) as im:
                     images.append(im.convert("RGB"))
-            with hooks.exclusive():
-                texts = caption(images)
+            try:
+                with hooks.exclusive():
+                    texts = caption(images)
+            except PrepareError as e:  # the images stay, captioned from what there is
+                report.caption_error = str(e)
+                break
             for rel, text in zip(batch, texts):
                 new[rel] = text
                 steps.tick(f"captioned {rel}")

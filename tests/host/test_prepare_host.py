@@ -183,3 +183,43 @@ def test_a_generation_during_a_prepare_run_completes(a1111, tmp_path):
     assert len(r["images"]) == 1
     assert during["state"] == "running", "the generation finished while the Prepare run was still going"
     assert st["state"] == "done" and len(st["report"]["written"]) == 24
+
+
+#: host -> (its SD1 checkpoint, whether it still has BLIP and DeepBooru)
+FAMILY = {"forge": True, "neo": False, "classic": False, "reforge": True}
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_prepare_on_the_forge_family(name, request, tmp_path):
+    """Prepare through the REST API on Forge, Neo, Classic and reForge: what each offers (Neo and Classic
+    removed the interrogators: said so), the loaded model's buckets, the host's upscaler, caption edits."""
+    host = request.getfixturevalue(name)
+    loaded(host, "rand-sd15")
+    opts = host.get("/ti/v1/prepare")
+    interrogators = {"blip", "deepbooru"} <= set(opts["captioners"])
+    assert interrogators is FAMILY[name], opts
+    if not FAMILY[name]:
+        assert "has no BLIP and DeepBooru interrogator" in opts["captioner_note"], opts
+        assert opts["captioner_note"].split(" has no")[0] in ("Forge Neo", "Forge Classic")
+    assert "Nearest" in opts["upscalers"], opts["upscalers"]
+    src, out = tmp_path / "raw", tmp_path / "out"
+    src.mkdir()
+    y, x = np.mgrid[0:300, 0:400].astype(np.float32)
+    for i in range(3):
+        arr = np.stack([x * (i + 1) % 256, y % 256, (x + y) / 3 % 256], -1).astype(np.uint8)
+        Image.fromarray(arr).save(src / f"p{i}.png")
+    Image.new("RGB", (1, 1)).save(src / "dot.png")
+    job = host.post("/ti/v1/prepare", {"source_dir": str(src), "output_dir": str(out), "upscaler": "Nearest",
+                                       "caption_prefix": "[name], thing"})["job"]  # fmt: skip
+    st = wait_job(host, job)
+    assert st["state"] == "done", st
+    rep = st["report"]
+    assert rep["resolution"] == 512 and len(rep["written"]) == 3 and rep["skipped"][0].startswith("dot.png")
+    sizes = {Image.open(out / w).size[::-1] for w in rep["written"]}
+    assert sizes <= set(bucket_set(512)), sizes
+    got = host.post(
+        "/ti/v1/captions", {"folder": str(out), "op": "rename_tag", "tag": "thing", "new_tag": "item"}
+    )
+    assert got["changed"] == 3 and ["item", 3] in got["tags"]
+    got = host.post("/ti/v1/captions", {"folder": str(out), "op": "undo"})
+    assert (out / "p0.txt").read_text(encoding="utf-8").strip() == "[name], thing"
