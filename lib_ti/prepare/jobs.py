@@ -57,7 +57,6 @@ class PrepareService:
         self.jobs = jobs
         #: how the WD tagger fetches its files and installs onnxruntime (tests replace it)
         self.tagger_deps = TaggerDeps()
-        self._tagger: tuple[tuple[str, str], WdTagger] | None = None
 
     # ------------------------------------------------------------------ what the host offers
     def captioners(self) -> list[str]:
@@ -144,10 +143,8 @@ class PrepareService:
         if req.captioner == WD_TAGGER:
             args = req.tagger_args()
             models = str(Path(self.host.models_dir() or ".") / TAGGER_FOLDER)
-            key = (models, args.model)
-            if self._tagger is None or self._tagger[0] != key:
-                self._tagger = (key, WdTagger.load(models, args, self.tagger_deps, report))
-            tagger = self._tagger[1]
+            # loaded per run and let go with it: a CUDA session holds GPU memory the web UI needs
+            tagger = WdTagger.load(models, args, self.tagger_deps, report)
             return lambda images: tagger.tag(images, args)
         interrogate = self.host.interrogate
         if interrogate is None:
