@@ -367,13 +367,13 @@ def build(host: HostInfo, train_dataset: Any = None) -> PrepareHandlers:
             with gr.Column(scale=3):
                 gallery = gr.Gallery(label="Images", elem_id="ti_captions_gallery", columns=6, height=320)
                 table = gr.Dataframe(
-                    headers=TABLE_HEADERS, datatype=["str", "str"], type="array", interactive=True,
+                    headers=TABLE_HEADERS, datatype=["str", "str"], type="array", interactive=True, col_count=(2, "fixed"),
                     label="Captions (edit a cell, then Save)", elem_id="ti_captions_table", wrap=True,
                 )  # fmt: skip
                 save = gr.Button("Save the table's edits", elem_id="ti_captions_save")
             with gr.Column(scale=2):
                 tags = gr.Dataframe(
-                    headers=["tag", "images"], datatype=["str", "number"], type="array", interactive=False,
+                    headers=["tag", "images"], datatype=["str", "number"], type="array", interactive=False, col_count=(2, "fixed"),
                     label="Tags by frequency", elem_id="ti_captions_tags",
                 )  # fmt: skip
                 with gr.Row():
