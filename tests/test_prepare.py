@@ -391,7 +391,9 @@ def test_a_failing_captioner_keeps_the_images_and_the_other_captions(source: Pat
     out = tmp_path / "out"
     report = run_prepare(request(source, out, caption_prefix="sks"), PrepareHooks(caption=caption))
     assert calls == [5] and len(report.written) == 5 and report.captions == 5
-    assert "deepbooru interrogator failed" in report.caption_error and "captioning stopped" in report.summary()
+    assert (
+        "deepbooru interrogator failed" in report.caption_error and "captioning stopped" in report.summary()
+    )
     assert (out / "wide.txt").read_text(encoding="utf-8") == "sks, a landscape, hills\n"
 
 
