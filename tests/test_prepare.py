@@ -322,24 +322,23 @@ def test_upscaler_is_used_for_small_pictures_only(tmp_path: Path) -> None:
 
 def test_stop_keeps_what_is_written_with_captions(source: Path, tmp_path: Path) -> None:
     progress: list[tuple[int, int]] = []
-    stop_after_writes = {"n": 0}
+    stop = threading.Event()
 
-    def should_stop() -> bool:
-        stop_after_writes["n"] += 1
-        return stop_after_writes["n"] >= 7  # 5 reads, then two written pictures
+    def tick(done: int, total: int, text: str) -> None:
+        progress.append((done, total))
+        if text.startswith("wrote") and sum(t.startswith("wrote") for t in texts + [text]) >= 2:
+            stop.set()
+        texts.append(text)
 
+    texts: list[str] = []
     out = tmp_path / "out"
-    report = run_prepare(
-        request(source, out, caption_prefix="sks"),
-        PrepareHooks(progress=lambda d, t, _: progress.append((d, t)), should_stop=should_stop),
-    )
+    report = run_prepare(request(source, out, caption_prefix="sks"), PrepareHooks(progress=tick, should_stop=stop.is_set))
     assert report.stopped and len(report.written) == 2
-    assert all(
-        (out / w).with_suffix(".txt").read_text(encoding="utf-8").startswith("sks") for w in report.written
-    )
+    assert all((out / w).with_suffix(".txt").read_text(encoding="utf-8").startswith("sks") for w in report.written)
     assert "(stopped)" in report.summary()
     assert [d for d, _ in progress] == sorted(d for d, _ in progress)
     assert (out / REPORT_FILE).is_file()
+    assert len(list(out.glob("*.png"))) == 2  # the pictures queued after the stop were not written
 
 
 def test_names_from_different_extensions_do_not_collide(tmp_path: Path) -> None:
@@ -406,3 +405,119 @@ def test_avif_without_a_plugin_says_what_to_install(tmp_path: Path) -> None:
     assert report.written == ["ok.png"]
     [reason] = report.skipped
     assert reason.startswith("photo.avif: ") and ("pillow-avif-plugin" in reason or "damaged" in reason)
+
+
+def test_a_gif_gives_its_first_frame(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    frames = [Image.new("RGB", (256, 256), (250, 0, 0)), Image.new("RGB", (256, 256), (0, 0, 250))]
+    frames[0].save(src / "anim.gif", save_all=True, append_images=frames[1:])
+    run_prepare(request(src, tmp_path / "out", crop="center", resolution=256))
+    with Image.open(tmp_path / "out" / "anim.png") as im:
+        r, g, b = im.convert("RGB").getpixel((128, 128))
+    assert r > 200 and b < 50
+
+
+def test_sources_named_like_tiles_or_flips_do_not_collide(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (300, 300), (250, 0, 0)).save(src / "a.png")
+    (src / "a.txt").write_text("red", encoding="utf-8")
+    Image.new("RGB", (300, 300), (0, 0, 250)).save(src / "a-flip.png")
+    (src / "a-flip.txt").write_text("blue", encoding="utf-8")
+    out = tmp_path / "out"
+    report = run_prepare(request(src, out, flip_copies=True, resolution=256, dedupe=False))
+    assert len(report.written) == len(set(report.written)) == 4, report.written
+    for name in report.written:
+        with Image.open(out / name) as im:
+            r, _, b = im.convert("RGB").getpixel((100, 100))
+        caption = (out / name).with_suffix(".txt").read_text(encoding="utf-8").strip()
+        assert caption == ("red" if r > b else "blue"), (name, caption)
+
+
+def test_the_captioner_sees_each_image_once_and_a_flip_takes_its_originals_text(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (300, 300), (250, 0, 0)).save(src / "x.png")
+    Image.new("RGB", (300, 300), (0, 0, 250)).save(src / "x-flip.png")
+    seen: list[str] = []
+
+    def caption(images: list[Image.Image]) -> list[str]:
+        out = []
+        for im in images:
+            r, _, b = im.getpixel((10, 10))
+            out.append("red" if r > b else "blue")
+        seen.extend(out)
+        return out
+
+    out = tmp_path / "out"
+    report = run_prepare(request(src, out, flip_copies=True, resolution=256, dedupe=False), PrepareHooks(caption=caption))
+    assert sorted(seen) == ["blue", "red"]
+    for name in report.written:
+        with Image.open(out / name) as im:
+            r, _, b = im.convert("RGB").getpixel((100, 100))
+        assert (out / name).with_suffix(".txt").read_text(encoding="utf-8").strip() == ("red" if r > b else "blue")
+
+
+def test_a_picture_that_fails_is_skipped_not_the_run(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (12000, 64), (10, 200, 10)).save(src / "strip.png")  # a focal analysis one row high
+    Image.new("RGB", (100, 100), (200, 10, 10)).save(src / "small.png")  # goes through the upscaler
+    gradient(600, 600, 1).save(src / "ok.png")
+
+    def upscale(img: Image.Image, scale: float) -> Image.Image:
+        raise RuntimeError("CUDA out of memory")
+
+    report = run_prepare(request(src, tmp_path / "plain", dedupe=False))
+    assert sorted(report.written) == ["ok.png", "small.png", "strip.png"] and not report.skipped
+    out = tmp_path / "out"
+    report = run_prepare(request(src, out, dedupe=False), PrepareHooks(upscale=upscale))
+    assert report.written == ["ok.png"]  # both others need enlarging
+    assert report.skipped == [
+        "small.png: could not be prepared (RuntimeError: CUDA out of memory)",
+        "strip.png: could not be prepared (RuntimeError: CUDA out of memory)",
+    ]
+    assert (out / "ok.txt").is_file() and (out / REPORT_FILE).is_file()
+
+
+def test_every_image_gets_a_caption_file_and_overwrite_leaves_no_stale_one(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    gradient(900, 400, 1).save(src / "tabby cat.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tabby cat.txt").write_text("a dog", encoding="utf-8")  # from an earlier run
+    (out / "keep.png").write_bytes(b"")  # the folder holds files: overwrite is needed
+    report = run_prepare(request(src, out, crop="tiles", overwrite=True, resolution=256))
+    assert len(report.written) > 1 and report.captions == len(report.written)
+    for name in report.written:  # the trainer would read "tabby cat-tile2" from the name
+        assert (out / name).with_suffix(".txt").read_text(encoding="utf-8") == "tabby cat\n"
+
+
+def test_output_through_a_link_into_the_source_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    gradient(300, 300, 1).save(src / "a.png")
+    link = tmp_path / "link"
+    link.symlink_to(src, target_is_directory=True)
+    before = digest(src)
+    with pytest.raises(PrepareError, match="overlap"):
+        run_prepare(request(src, link / "out"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub").symlink_to(src, target_is_directory=True)
+    (src / "sub").mkdir()
+    gradient(300, 300, 2).save(src / "sub" / "b.png")
+    with pytest.raises(PrepareError, match="leads into the source folder"):
+        run_prepare(request(src, out, overwrite=True))
+    assert digest(src) == before | {"sub/b.png": digest(src)["sub/b.png"]}
+
+
+def test_progress_counts_the_captions_from_the_start(source: Path, tmp_path: Path) -> None:
+    totals: list[int] = []
+    run_prepare(
+        request(source, tmp_path / "out", dedupe=False),
+        PrepareHooks(progress=lambda d, t, _: totals.append(t), caption=lambda ims: ["x"] * len(ims)),
+    )
+    assert set(totals) == {15}  # 5 pictures read, written and captioned: the bar never goes back

@@ -70,22 +70,49 @@ def interrogate(name: str, images: list[Any]) -> list[str]:
         from modules import deepbooru
 
         deepbooru.model.start()
-        try:
-            return [str(deepbooru.model.tag_multi(img)) for img in images]
+        try:  # no "(tag:0.98)" in training captions, whatever the web UI's ranks setting says
+            return [str(deepbooru.model.tag_multi(img, force_disable_ranks=True)) for img in images]
         finally:
             deepbooru.model.stop()
     if name == "blip":
         from modules import shared
 
         ii = shared.interrogator
-        ii.load()
+        _load_blip(ii)
         try:
             return [str(ii.generate_caption(img.convert("RGB"))) for img in images]
         finally:
-            ii.send_blip_to_ram()
-            ii.send_clip_to_ram()
+            ii.unload()
     msg = f"unknown interrogator {name!r}"
     raise LookupError(msg)
+
+
+def _load_blip(ii: Any) -> None:
+    """BLIP alone, as the host's ``interrogate`` loads it (CLIP, which only its artist guesses need, is
+    a download and memory the caption does not use); A1111's model offloading first. Hosts whose
+    interrogator loads differently (Forge's memory manager) use their own ``load``."""
+    from modules import devices, shared
+
+    if (
+        not hasattr(ii, "load_blip_model")
+        or hasattr(ii, "load_device")
+        or not hasattr(devices, "device_interrogate")
+    ):
+        ii.load()
+        return
+    try:
+        from modules import lowvram
+
+        lowvram.send_everything_to_cpu()
+    except (ImportError, AttributeError):
+        pass
+    devices.torch_gc()
+    if ii.blip_model is None:
+        ii.blip_model = ii.load_blip_model()
+        if not shared.cmd_opts.no_half and not getattr(ii, "running_on_cpu", False):
+            ii.blip_model = ii.blip_model.half()
+    ii.blip_model = ii.blip_model.to(devices.device_interrogate)
+    ii.dtype = next(ii.blip_model.parameters()).dtype
 
 
 def prepare_services() -> dict[str, Any]:

@@ -54,6 +54,17 @@ def save_format() -> str:
 # ---------------------------------------------------------------------------- progress and the GPU lock
 
 _TOTAL = {"steps": 0}
+#: the host job our progress_begin started ("": none); a Prepare run does not hold the GPU lock, so a
+#: generation meanwhile takes the host's job state over, and our updates, Interrupt and end leave it alone
+_OURS = {"job": ""}
+#: the host job name of our jobs (what ``/sdapi/v1/progress`` shows as ``state.job``)
+JOB_NAME = "ti-train"
+
+
+def _ours() -> bool:
+    from modules import shared
+
+    return bool(_OURS["job"]) and getattr(shared.state, "job", None) == _OURS["job"]
 
 
 def progress_queued(task_id: str) -> None:
@@ -66,7 +77,8 @@ def progress_begin(title: str, total: int, task_id: str) -> None:
     """Training shows in the host's progress bar (``/internal/progress``) and ``/sdapi/v1/progress``."""
     from modules import progress, shared
 
-    shared.state.begin(job="ti-train")
+    shared.state.begin(job=JOB_NAME)
+    _OURS["job"] = shared.state.job
     _TOTAL["steps"] = total
     shared.state.job_count = 1
     shared.state.sampling_steps = total
@@ -79,12 +91,15 @@ def progress_total(total: int) -> None:
     from modules import shared
 
     _TOTAL["steps"] = total
-    shared.state.sampling_steps = total
+    if _ours():
+        shared.state.sampling_steps = total
 
 
 def progress_update(step: int, text: str) -> None:
     from modules import shared
 
+    if not _ours():
+        return
     # a preview in between runs the host's sampler, which sets its own counts: put ours back
     shared.state.job_count, shared.state.job_no = 1, 0
     shared.state.sampling_steps = _TOTAL["steps"]
@@ -95,15 +110,18 @@ def progress_update(step: int, text: str) -> None:
 def progress_end(task_id: str) -> None:
     from modules import progress, shared
 
-    shared.state.end()
+    if _ours():
+        shared.state.end()
+    _OURS["job"] = ""
     if task_id:
         progress.finish_task(task_id)
 
 
 def interrupted() -> bool:
+    """The host's Interrupt button, pressed for our job (not for a generation during a Prepare run)."""
     from modules import shared
 
-    return bool(shared.state.interrupted)
+    return _ours() and bool(shared.state.interrupted)
 
 
 def exclusive() -> Any:

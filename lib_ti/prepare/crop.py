@@ -137,7 +137,7 @@ def focal_window(img: Image.Image, window: Size, faces: FaceFinder = FACES) -> t
         return 0, 0
     small = max(h, w) / _ANALYSIS_SIDE
     scale = small if small > 1 else 1.0
-    sh, sw = max(1, round(h / scale)), max(1, round(w / scale))
+    sh, sw = max(2, round(h / scale)), max(2, round(w / scale))  # gradients need two rows and columns
     grey = np.asarray(img.convert("L").resize((sw, sh), Image.Resampling.BILINEAR), dtype=np.uint8)
     found = faces.faces(grey)
     if found:

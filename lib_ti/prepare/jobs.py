@@ -163,7 +163,7 @@ class PrepareService:
 
     def _run(self, job: Job, req: PrepareRequest, task_id: str) -> None:
         st = job.status
-        t0 = time.perf_counter()
+        clock: list[float] = []  # when the first picture was done: installs and downloads are not in the ETA
 
         def say(message: str) -> None:
             st.message = message
@@ -179,9 +179,11 @@ class PrepareService:
                 if total != st.total:
                     st.total = total
                     self.host.progress_total(total)
+                if not clock:
+                    clock.extend([time.perf_counter(), done])
+                elapsed, counted = time.perf_counter() - clock[0], done - clock[1]
                 st.step = done
-                elapsed = time.perf_counter() - t0
-                st.eta_seconds = round(elapsed / done * (total - done), 1) if done else None
+                st.eta_seconds = round(elapsed / counted * (total - done), 1) if counted > 0 else None
                 st.message = text
                 self.host.progress_update(done, text)
 

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -27,8 +27,16 @@ from lib_ti.prepare.crop import Upscale, fit
 from lib_ti.prepare.dedupe import find_duplicates, mean_colour, phash
 from lib_ti.prepare.errors import PrepareError
 from lib_ti.prepare.options import PrepareRequest
-from lib_ti.prepare.sources import Source, find_sources, open_picture, parse_color, read_source_caption
+from lib_ti.prepare.sources import (
+    Source,
+    find_sources,
+    open_picture,
+    parse_color,
+    read_source_caption,
+    register_plugins,
+)
 from lib_ti.training.buckets import Size, bucket_set, nearest_bucket
+from lib_ti.training.captions import filename_caption
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +108,19 @@ class PrepareReport:
 
 
 def _inside(a: Path, b: Path) -> bool:
-    return a == b or b in a.parents
+    """Whether ``a`` is ``b`` or inside it: by name, and by file identity for the parts that exist (a
+    case-insensitive disk, a link)."""
+    if a == b or b in a.parents:
+        return True
+    if not b.exists():
+        return False
+    for p in (a, *a.parents):
+        try:
+            if p.exists() and p.samefile(b):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def check_folders(req: PrepareRequest) -> tuple[Path, Path]:
@@ -149,6 +169,17 @@ def compose_caption(existing: str, new: str, prefix: str, mode: str) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class _Output:
+    """One image written: its file, its source's own caption, the image whose captioner text it takes
+    (itself; for a mirrored copy, its original), and its source's file-name caption."""
+
+    rel: str
+    caption: str
+    own: str
+    file_words: str
+
+
 class _Steps:
     """The run's progress: ``done`` of ``total`` steps (reading, writing, captioning)."""
 
@@ -171,24 +202,32 @@ class _Survey:
 def _survey(src: Source, req: PrepareRequest, background: tuple[int, int, int]) -> _Survey:
     try:
         img = open_picture(src.path, background, req.min_size)
+        if not req.dedupe:
+            return _Survey((img.height, img.width))
+        return _Survey((img.height, img.width), phash(img), mean_colour(img))
     except ValueError as e:
         return _Survey(reason=str(e))
-    if not req.dedupe:
-        return _Survey((img.height, img.width))
-    return _Survey((img.height, img.width), phash(img), mean_colour(img))
+    except Exception as e:  # one picture must not end the run
+        return _Survey(reason=f"could not be read ({type(e).__name__}: {e})")
 
 
-def _bounded(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[Any]:
-    """``pool.map(fn, items)`` in order with at most two batches of work in flight (memory, stop)."""
+def _bounded(
+    pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Sequence[Any]
+) -> Generator[Any, None, None]:
+    """``pool.map(fn, items)`` in order with at most two batches of work in flight (memory, stop);
+    closing it (the caller stops early) cancels the work not started."""
     window = 2 * getattr(pool, "_max_workers", 4)
     pending: list[Future[Any]] = []
-    it = iter(items)
-    for item in it:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= window:
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.pop(0).result()
+        while pending:
             yield pending.pop(0).result()
-    while pending:
-        yield pending.pop(0).result()
+    finally:
+        for f in pending:
+            f.cancel()
 
 
 def _encode(img: Image.Image, fmt: str) -> bytes:
@@ -198,18 +237,19 @@ def _encode(img: Image.Image, fmt: str) -> bytes:
 
 
 class _Names:
-    """Output names: the source's relative path with the image format's suffix, made unique."""
+    """Output names: the source's relative path without its suffix, then ``-2``, ``-3``... until none
+    of the names it needs (with its ``-tile``/``-flip`` suffixes) is taken; all of them are reserved."""
 
     def __init__(self) -> None:
         self.used: set[str] = set()
 
-    def take(self, rel: str) -> str:
+    def take(self, rel: str, suffixes: list[str]) -> str:
         stem = rel.rsplit(".", 1)[0]
         name, n = stem, 1
-        while name.lower() in self.used:
+        while any(f"{name}{s}".lower() in self.used for s in suffixes):
             n += 1
             name = f"{stem}-{n}"
-        self.used.add(name.lower())
+        self.used.update(f"{name}{s}".lower() for s in suffixes)
         return name
 
 
@@ -228,7 +268,10 @@ def run_prepare(req: PrepareRequest, hooks: PrepareHooks | None = None) -> Prepa
         msg = f"no pictures in {src_dir} (png, jpg, webp, bmp, gif, tiff, avif; sub-folders included)"
         raise PrepareError(msg)
     buckets = bucket_set(req.resolution, req.buckets)
-    steps = _Steps(hooks, 2 * len(sources))
+    register_plugins()  # once, before the threads
+    src_real = src_dir.resolve()
+    # read and write every picture, and caption it (the count is made exact once duplicates are known)
+    steps = _Steps(hooks, (3 if hooks.caption is not None else 2) * len(sources))
 
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -248,29 +291,40 @@ def run_prepare(req: PrepareRequest, hooks: PrepareHooks | None = None) -> Prepa
 
     def make(src: Source) -> tuple[list[tuple[str, bytes, str]], str, Size | None]:
         """The encoded images of one source (name suffix, file bytes, "WxH") and its reason when it is
-        skipped; decoding, fitting and encoding all happen here, in a worker thread."""
+        skipped; decoding, fitting and encoding all happen here, in a worker thread. Never raises: a
+        picture that fails in any way (an upscaler out of memory included) is skipped with the reason."""
+        if hooks.should_stop():
+            return [], "not prepared (stopped)", None
         try:
             img = open_picture(src.path, background, req.min_size)
+            bucket = nearest_bucket((img.height, img.width), buckets)
+            pieces = fit(
+                img, bucket, req.crop, background=background, overlap=req.tile_overlap, upscale=upscale
+            )
+            named = [(f"-tile{i + 1}" if len(pieces) > 1 else "", p) for i, p in enumerate(pieces)]
+            if req.flip_copies:
+                named += [(f"{s}-flip", p.transpose(Image.Transpose.FLIP_LEFT_RIGHT)) for s, p in named]
+            return [(s, _encode(p, req.image_format), f"{p.width}x{p.height}") for s, p in named], "", bucket
         except ValueError as e:
             return [], str(e), None
-        bucket = nearest_bucket((img.height, img.width), buckets)
-        pieces = fit(img, bucket, req.crop, background=background, overlap=req.tile_overlap, upscale=upscale)
-        named = [(f"-tile{i + 1}" if len(pieces) > 1 else "", p) for i, p in enumerate(pieces)]
-        if req.flip_copies:
-            named += [(f"{s}-flip", p.transpose(Image.Transpose.FLIP_LEFT_RIGHT)) for s, p in named]
-        return [(s, _encode(p, req.image_format), f"{p.width}x{p.height}") for s, p in named], "", bucket
+        except Exception as e:  # one picture must not end the run
+            logger.warning("%s could not be prepared", src.path, exc_info=True)
+            return [], f"could not be prepared ({type(e).__name__}: {e})", None
 
-    # (output file relative to out_dir, the source's caption, captioner input?) of every image written
-    outputs: list[tuple[str, str, bool]] = []
+    # (output file relative to out_dir, the source's caption, the image the captioner sees for it, the
+    # source's file-name caption) of every image written; a flipped copy takes its original's caption
+    outputs: list[_Output] = []
     with ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="lib_ti-prepare") as pool:
         surveys: list[_Survey] = []
-        for src, survey in zip(sources, _bounded(pool, lambda s: _survey(s, req, background), sources)):
+        reading = _bounded(pool, lambda s: _survey(s, req, background), sources)
+        for src, survey in zip(sources, reading):
             surveys.append(survey)
             if survey.reason:
                 report.skipped.append(f"{src.rel}: {survey.reason}")
             steps.tick(f"reading {src.rel}")
             if hooks.should_stop():
                 report.stopped = True
+                reading.close()
                 break
         dropped: set[int] = set()
         if req.dedupe and not report.stopped:
@@ -294,26 +348,36 @@ def run_prepare(req: PrepareRequest, hooks: PrepareHooks | None = None) -> Prepa
             else [s for i, s in enumerate(sources) if not surveys[i].reason and i not in dropped]
         )
         steps.done = 2 * len(sources) - len(todo)
+        if hooks.caption is not None:
+            steps.total = 2 * len(sources) + len(todo)
         names = _Names()
         ext = "jpg" if req.image_format == "jpg" else req.image_format
-        for src, (named, reason, bucket) in zip(todo, _bounded(pool, make, todo)):
+        writing = _bounded(pool, make, todo)
+        for src, (named, reason, bucket) in zip(todo, writing):
             if reason:
                 report.skipped.append(f"{src.rel}: {reason}")
                 steps.tick(f"skipped {src.rel}")
                 continue
-            stem = names.take(src.rel)
+            stem = names.take(src.rel, [suffix for suffix, _, _ in named])
             caption = read_source_caption(src)
             for suffix, data, key in named:
                 rel = f"{stem}{suffix}.{ext}"
                 target = out_dir / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
+                if _inside(target.resolve(), src_real):  # a link in the output folder into the source
+                    msg = (
+                        f"{target} leads into the source folder {src_dir} (a link); nothing is written there"
+                    )
+                    raise PrepareError(msg)
                 atomic_write_bytes(target, data, overwrite=True)
                 report.written.append(rel)
-                outputs.append((rel, caption, "-flip" not in suffix))
+                own = f"{stem}{suffix.removesuffix('-flip')}.{ext}"
+                outputs.append(_Output(rel, caption, own, filename_caption(str(src.path))))
                 report.buckets[key] = report.buckets.get(key, 0) + 1
             steps.tick(f"wrote {stem} ({bucket[1]}x{bucket[0]})" if bucket else f"wrote {stem}")
             if hooks.should_stop():
                 report.stopped = True
+                writing.close()
                 break
     report.captions = _write_captions(req, out_dir, outputs, hooks, report, steps)
     report.seconds = round(time.perf_counter() - t0, 3)
@@ -324,7 +388,7 @@ def run_prepare(req: PrepareRequest, hooks: PrepareHooks | None = None) -> Prepa
 def _write_captions(
     req: PrepareRequest,
     out_dir: Path,
-    outputs: list[tuple[str, str, bool]],
+    outputs: list[_Output],
     hooks: PrepareHooks,
     report: PrepareReport,
     steps: _Steps,
@@ -333,7 +397,7 @@ def _write_captions(
     new: dict[str, str] = {}
     caption = hooks.caption
     if caption is not None and not report.stopped:
-        todo = [rel for rel, _, own in outputs if own]
+        todo = [o.rel for o in outputs if o.rel == o.own]
         steps.total = steps.done + len(todo)
         for start in range(0, len(todo), CAPTION_BATCH):
             batch = todo[start : start + CAPTION_BATCH]
@@ -354,12 +418,13 @@ def _write_captions(
                 report.stopped = True
                 break
     written = 0
-    for rel, existing, _ in outputs:
-        original = rel.replace("-flip.", ".")
-        text = compose_caption(existing, new.get(original, ""), req.caption_prefix, req.caption_mode)
-        if not text:
-            continue
-        target = (out_dir / rel).with_suffix(".txt")
+    for o in outputs:
+        text = compose_caption(o.caption, new.get(o.own, ""), req.caption_prefix, req.caption_mode)
+        # every image gets its .txt (no stale one from an earlier run stays; without one the trainer
+        # would caption it by its output name, tile and flip suffixes included): the source's file
+        # name when there is nothing else, as the trainer would read it
+        text = text or o.file_words
+        target = (out_dir / o.rel).with_suffix(".txt")
         atomic_write_bytes(target, (text + "\n").encode("utf-8"), overwrite=True)
         written += 1
     return written

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import warnings
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,15 +26,18 @@ SOURCE_EXTENSIONS = (
 )  # fmt: skip
 #: the smallest side a picture may have by default (smaller ones are listed and skipped)
 MIN_SIZE = 64
-#: what a picture larger than this is refused as (a decompression bomb): 16k x 16k
-MAX_PIXELS = 16384 * 16384
 _PLUGINS_TRIED: dict[str, bool] = {}
+_PLUGINS_LOCK = threading.Lock()
 
 
 def register_plugins() -> None:
     """Let Pillow read avif and heic where the host ships the plugin (pillow-avif-plugin, pillow-heif)."""
-    if _PLUGINS_TRIED:
-        return
+    with _PLUGINS_LOCK:
+        if not _PLUGINS_TRIED:
+            _register_plugins()
+
+
+def _register_plugins() -> None:
     for module in ("pillow_avif", "pillow_heif"):
         try:
             mod = importlib.import_module(module)
@@ -116,8 +119,9 @@ def _why_unreadable(path: Path, e: Exception) -> str:
     if isinstance(e, UnidentifiedImageError) and ext in (".avif", ".heic", ".heif"):
         plugin = "pillow-avif-plugin" if ext == ".avif" else "pillow-heif"
         return f"{ext[1:]} cannot be read by this Pillow (install {plugin}, or convert it to png)"
-    if isinstance(e, Image.DecompressionBombError | Image.DecompressionBombWarning):
-        return f"too large to open safely (more than {MAX_PIXELS} pixels)"
+    if isinstance(e, Image.DecompressionBombError):
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        return f"too large to open safely (Pillow's limit is {limit} pixels, about {int(limit**0.5)} x {int(limit**0.5)})"
     if isinstance(e, OSError) and not isinstance(
         e, FileNotFoundError | PermissionError | UnidentifiedImageError
     ):
@@ -130,16 +134,11 @@ def open_picture(path: Path, background: tuple[int, int, int], min_size: int = M
     transparency flattened on ``background``. ValueError with the reason when it cannot be used."""
     register_plugins()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if im.width * im.height > MAX_PIXELS:
-                    msg = f"{im.width}x{im.height}"
-                    raise Image.DecompressionBombError(msg)
-                if getattr(im, "n_frames", 1) > 1:
-                    im.seek(0)
-                im.load()
-                img = oriented(im)
+        with Image.open(path) as im:  # Pillow refuses a decompression bomb here
+            if getattr(im, "n_frames", 1) > 1:
+                im.seek(0)
+            im.load()
+            img = oriented(im)
     except Exception as e:
         raise ValueError(_why_unreadable(path, e)) from e
     if min(img.size) < min_size:
