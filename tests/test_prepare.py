@@ -326,7 +326,7 @@ def test_stop_keeps_what_is_written_with_captions(source: Path, tmp_path: Path) 
 
     def tick(done: int, total: int, text: str) -> None:
         progress.append((done, total))
-        if text.startswith("wrote") and sum(t.startswith("wrote") for t in texts + [text]) >= 2:
+        if text.startswith("wrote") and sum(t.startswith("wrote") for t in [*texts, text]) >= 2:
             stop.set()
         texts.append(text)
 
