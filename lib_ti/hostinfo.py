@@ -17,6 +17,23 @@ if TYPE_CHECKING:
     from lib_ti.parts import ModelParts
 
 
+@dataclass
+class Generation:
+    """One txt2img image as the host makes it (a comparison-grid cell)."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    cfg_scale: float
+    steps: int
+    width: int
+    height: int
+    #: the host's sampler name ("": its default)
+    sampler: str = ""
+    #: embeddings the host knows by these names for this image only (a run's snapshots)
+    embeddings: dict[str, Embedding] = field(default_factory=dict)
+
+
 def _no_status() -> dict[str, str]:
     return {}
 
@@ -113,4 +130,12 @@ class HostServices:
     #: the host's interrogators ("blip", "deepbooru"), and one run on a batch: (name, images) -> captions
     interrogators: Callable[[], list[str]] = list
     interrogate: Callable[[str, list[Any]], list[str]] | None = None
+    #: the host's checkpoints (titles), the loaded one's title, and a load of one (under the GPU lock)
+    checkpoints: Callable[[], list[str]] = list
+    checkpoint: Callable[[], str] = lambda: ""
+    load_checkpoint: Callable[[str], None] | None = None
+    #: one image through the host's own txt2img: (what) -> (image, infotext); None where there is none
+    generate: Callable[[Generation], tuple[Any, str]] | None = None
+    #: the host's progress bar counts this many images for the job (a grid's cells)
+    progress_jobs: Callable[[int], None] = lambda count: None
     extra: dict[str, Any] = field(default_factory=dict)

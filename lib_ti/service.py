@@ -21,6 +21,7 @@ from typing import Any
 from lib_ti.create import CreateArgs, create_embedding
 from lib_ti.embedding import Embedding
 from lib_ti.errors import EmbeddingExists, EmbeddingNotFound, TIError, WriteFailed, short_repr
+from lib_ti.grid.jobs import GridService
 from lib_ti.hostinfo import HostServices
 from lib_ti.inline.plan import InlineEvaluator
 from lib_ti.io.atomic import atomic_write_bytes, remove_temporaries
@@ -109,6 +110,8 @@ class Service:
         self._write_lock = threading.Lock()
         #: Prepare jobs and caption edits, under the same job manager (never beside a training run)
         self.prepare = PrepareService(host, self.jobs)
+        #: comparison grids through the host's txt2img, under the same job manager
+        self.grid = GridService(host, self.jobs, self.find_embedding_file)
 
     # ------------------------------------------------------------------ files
     def folder(self) -> Path:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from lib_ti.embedding import Embedding
 from lib_ti.host import a1111_checks, webui
 from lib_ti.host.a1111_model import build_parts, freeze
-from lib_ti.hostinfo import HostServices
+from lib_ti.hostinfo import Generation, HostServices
 from lib_ti.io.formats import a1111_data
 
 logger = logging.getLogger(__name__)
@@ -129,6 +129,12 @@ def temporary_embeddings(embeddings: Mapping[str, Embedding]) -> Iterator[None]:
             db.register_embedding_by_name(None, model, name)
 
 
+def generate(what: Generation) -> tuple[Any, str]:
+    """A grid cell through the host's txt2img, with the cell's own embeddings known by name meanwhile."""
+    with temporary_embeddings(what.embeddings):
+        return webui.generate(what)
+
+
 def model_loaded() -> bool:
     from modules import sd_models
 
@@ -149,6 +155,8 @@ class A1111Adapter(webui.WebUIAdapter):
             preview=preview,
             embedding_status=embedding_status,
             release_image_encoder=_release_vae,
+            load_checkpoint=webui.load_checkpoint,
+            generate=generate,
         )
 
     def add_check_routes(self, app: Any, service: Any) -> None:

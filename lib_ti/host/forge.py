@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from lib_ti.embedding import Embedding
 from lib_ti.host import forge_checks, forge_model, grad_safe, webui
 from lib_ti.host.forge_model import engines
-from lib_ti.hostinfo import HostServices
+from lib_ti.hostinfo import Generation, HostServices
 from lib_ti.io.formats import a1111_data
 
 logger = logging.getLogger(__name__)
@@ -177,6 +177,27 @@ def _preview(emb: Embedding, prompt: str, step: int, out_dir: Path) -> str | Non
     return webui.save_preview(emb, image, step, out_dir) if image is not None else None
 
 
+def load_checkpoint(title: str) -> None:
+    """Select a checkpoint as Forge's own dropdown does, then load it (the caller holds the GPU lock)."""
+    from modules import shared
+    from modules_forge import main_entry
+
+    info = webui.checkpoint_info(title)
+    change = getattr(main_entry, "checkpoint_change", None)
+    if change is not None:
+        change(info.title, save=False)
+    else:  # older Forge: the option's own change callback refreshes the loading parameters
+        shared.opts.set("sd_model_checkpoint", info.title)
+        main_entry.refresh_model_loading_parameters()
+    ensure_model()
+
+
+def generate(what: Generation) -> tuple[Any, str]:
+    """A grid cell through Forge's txt2img, with the cell's own embeddings known meanwhile."""
+    with temporary_embeddings(what.embeddings):
+        return webui.generate(what)
+
+
 class ForgeAdapter(webui.WebUIAdapter):
     name: ClassVar[str] = "forge"
     label: ClassVar[str] = "Forge"
@@ -192,6 +213,8 @@ class ForgeAdapter(webui.WebUIAdapter):
             freeze_model=_freeze,
             preview=_preview,
             embedding_status=embedding_status,
+            load_checkpoint=load_checkpoint,
+            generate=generate,
         )
 
     def on_app_started(self, app: Any) -> None:

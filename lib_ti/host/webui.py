@@ -13,8 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+from lib_ti.errors import TIError
 from lib_ti.host.prepare_host import prepare_services
-from lib_ti.hostinfo import HostInfo, HostServices
+from lib_ti.hostinfo import Generation, HostInfo, HostServices
 from lib_ti.inline.plan import TEMP_PREFIX
 from lib_ti.io.formats import to_png
 from lib_ti.settings import SECTION
@@ -179,6 +180,74 @@ def txt2img(prompt: str, size: int) -> Any:
     return res.images[0] if res.images else None
 
 
+def generate(what: Generation) -> tuple[Any, str]:
+    """One image through the host's own txt2img (a grid cell): (image or None, its infotext)."""
+    from modules import processing, shared
+
+    p = processing.StableDiffusionProcessingTxt2Img(
+        sd_model=shared.sd_model, prompt=what.prompt, negative_prompt=what.negative_prompt, steps=what.steps,
+        width=what.width, height=what.height, seed=what.seed, cfg_scale=what.cfg_scale,
+        do_not_save_samples=True, do_not_save_grid=True,
+    )  # fmt: skip
+    if what.sampler:
+        p.sampler_name = what.sampler
+    # embeddings registered for this image only must survive; the folder was read at the model's load
+    p.do_not_reload_embeddings = True
+    without_scripts(p)
+    forget_cached_conditioning()
+    res = processing.process_images(p)
+    image = res.images[0] if res.images else None
+    infotexts = getattr(res, "infotexts", None) or [getattr(res, "info", "")]
+    return image, str(infotexts[0] or "")
+
+
+def checkpoints() -> list[str]:
+    """The host's checkpoints by title (``name.safetensors [hash]``), as its dropdown lists them."""
+    from modules import sd_models
+
+    return [info.title for info in sd_models.checkpoints_list.values()]
+
+
+def checkpoint() -> str:
+    """The title of the checkpoint that is loaded (else the one selected)."""
+    from modules import sd_models, shared
+
+    info = getattr(sd_models.model_data.sd_model, "sd_checkpoint_info", None)
+    title = getattr(info, "title", None)
+    if title:
+        return str(title)
+    found = sd_models.get_closet_checkpoint_match(str(shared.opts.sd_model_checkpoint or ""))
+    return str(found.title) if found is not None else str(shared.opts.sd_model_checkpoint or "")
+
+
+def checkpoint_info(title: str) -> Any:
+    from modules import sd_models
+
+    info = sd_models.get_closet_checkpoint_match(title)
+    if info is None:
+        msg = f"checkpoint {title!r} is not one of this web UI's"
+        raise TIError(msg)
+    return info
+
+
+def load_checkpoint(title: str) -> None:
+    """Load a checkpoint the way a generation's override does (A1111, reForge, Forge Classic); the caller
+    holds the GPU lock. The setting follows, so the UI's dropdown shows what is loaded."""
+    from modules import sd_models, shared
+
+    info = checkpoint_info(title)
+    shared.opts.set("sd_model_checkpoint", info.title, is_api=True, run_callbacks=False)
+    sd_models.reload_model_weights(info=info)
+
+
+def progress_jobs(count: int) -> None:
+    """The host's progress bar counts ``count`` images (each txt2img call ends one with ``nextjob``)."""
+    from modules import shared
+
+    if _ours():
+        shared.state.job_count, shared.state.job_no = count, 0
+
+
 def save_preview(emb: Any, image: Any, step: int, out_dir: Path) -> str:
     """Write a preview: PNG with the embedding inside (as A1111 stores it), or webp / jpg (setting)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -204,6 +273,9 @@ def common_services() -> dict[str, Any]:
         "progress_end": progress_end,
         "progress_queued": progress_queued,
         "progress_total": progress_total,
+        "progress_jobs": progress_jobs,
+        "checkpoints": checkpoints,
+        "checkpoint": checkpoint,
         **prepare_services(),
         "interrupted": interrupted,
         "save_format": save_format,
