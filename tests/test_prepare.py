@@ -332,9 +332,13 @@ def test_stop_keeps_what_is_written_with_captions(source: Path, tmp_path: Path) 
 
     texts: list[str] = []
     out = tmp_path / "out"
-    report = run_prepare(request(source, out, caption_prefix="sks"), PrepareHooks(progress=tick, should_stop=stop.is_set))
+    report = run_prepare(
+        request(source, out, caption_prefix="sks"), PrepareHooks(progress=tick, should_stop=stop.is_set)
+    )
     assert report.stopped and len(report.written) == 2
-    assert all((out / w).with_suffix(".txt").read_text(encoding="utf-8").startswith("sks") for w in report.written)
+    assert all(
+        (out / w).with_suffix(".txt").read_text(encoding="utf-8").startswith("sks") for w in report.written
+    )
     assert "(stopped)" in report.summary()
     assert [d for d, _ in progress] == sorted(d for d, _ in progress)
     assert (out / REPORT_FILE).is_file()
@@ -451,12 +455,16 @@ def test_the_captioner_sees_each_image_once_and_a_flip_takes_its_originals_text(
         return out
 
     out = tmp_path / "out"
-    report = run_prepare(request(src, out, flip_copies=True, resolution=256, dedupe=False), PrepareHooks(caption=caption))
+    report = run_prepare(
+        request(src, out, flip_copies=True, resolution=256, dedupe=False), PrepareHooks(caption=caption)
+    )
     assert sorted(seen) == ["blue", "red"]
     for name in report.written:
         with Image.open(out / name) as im:
             r, _, b = im.convert("RGB").getpixel((100, 100))
-        assert (out / name).with_suffix(".txt").read_text(encoding="utf-8").strip() == ("red" if r > b else "blue")
+        assert (out / name).with_suffix(".txt").read_text(encoding="utf-8").strip() == (
+            "red" if r > b else "blue"
+        )
 
 
 def test_a_picture_that_fails_is_skipped_not_the_run(tmp_path: Path) -> None:
