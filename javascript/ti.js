@@ -30,15 +30,23 @@ function tiTrainStart() {
 }
 
 // The Prepare button: as tiTrainStart, with the Prepare view's progress bar.
-function tiPrepareStart() {
-    const args = Array.from(arguments);
-    const id = "task(ti-prepare-" + Math.random().toString(36).slice(2, 10) + ")";
+// A job's button: give it a task id and show the host's progress bar under the anchor.
+function tiStartWithProgress(args, kind, anchorId) {
+    const id = "task(ti-" + kind + "-" + Math.random().toString(36).slice(2, 10) + ")";
     args[0] = id;
-    const anchor = gradioApp().getElementById("ti_prepare_progress");
+    const anchor = gradioApp().getElementById(anchorId);
     if (anchor && typeof requestProgress === "function") {
         requestProgress(id, anchor, null, function() {}, null, 120);
     }
     return args;
+}
+
+function tiPrepareStart() {
+    return tiStartWithProgress(Array.from(arguments), "prepare", "ti_prepare_progress");
+}
+
+function tiGridStart() {
+    return tiStartWithProgress(Array.from(arguments), "grid", "ti_grid_progress");
 }
 
 // "Use this folder for training": show the Train view (its folder box was just filled).

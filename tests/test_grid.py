@@ -293,3 +293,55 @@ def test_request_text_forms_match_the_list_forms():
         }
     )
     assert a == b
+
+
+@pytest.fixture
+def client(env):
+    pytest.importorskip("fastapi")
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from lib_ti.ui.api import add_routes
+
+    service = env[0]
+    app = FastAPI()
+    add_routes(app, service)
+    return TestClient(app)
+
+
+@pytest.mark.versioned
+def test_rest_grid_starts_a_job_and_the_status_names_the_file(env, client):
+    _, fake, _, _ = env
+    opts = client.get("/ti/v1/grid").json()
+    assert opts["checkpoints"] == list(CKPTS) and opts["loaded"] == fake.loaded
+    assert opts["defaults"]["prompts"] == ["a photo of [name]"]
+    r = client.post("/ti/v1/grid", json={"embeddings": ["cat", "dog"], "cfg_scales": "5, 8", "seeds": [3], "steps": 4})
+    assert r.status_code == 202, r.text
+    job = r.json()["job"]
+    st = client.get(f"/ti/v1/jobs/{job}").json()
+    for _ in range(200):
+        if st["state"] not in ("queued", "running"):
+            break
+        threading.Event().wait(0.05)
+        st = client.get(f"/ti/v1/jobs/{job}").json()
+    assert st["state"] == "done", st
+    assert st["kind"] == "grid" and st["steps"] == 4 and st["step"] == 4
+    assert layout.read_metadata(st["file"])["columns"] == ["CFG 5", "CFG 8"]
+    assert "grid" in client.get("/ti/v1/schema").json()["bodies"]
+
+
+@pytest.mark.versioned
+@pytest.mark.parametrize(
+    ("body", "status", "text"),
+    [
+        ({"embeddings": ["cat"], "colour": "red"}, 422, "unknown field 'colour'"),
+        ({"embeddings": ["cat"], "steps": "many"}, 422, "steps"),
+        ({"embeddings": ["cat"], "seeds": [1.5]}, 400, "whole number"),
+        ({"embeddings": ["cat"], "prompts": ["no placeholder"]}, 400, "[name]"),
+        ({"embeddings": ["cat"], "checkpoints": ["missing.safetensors"]}, 400, "not one of this web UI's"),
+    ],
+)
+def test_rest_grid_refuses_bad_bodies_by_name(env, client, body, status, text):
+    r = client.post("/ti/v1/grid", json=body)
+    assert (r.status_code, text in r.json()["detail"]) == (status, True), r.text
+    assert env[1].made == []

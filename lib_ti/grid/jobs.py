@@ -17,7 +17,7 @@ from typing import Any
 from lib_ti.embedding import KIND_LABELS, Embedding
 from lib_ti.errors import TIError, short_repr
 from lib_ti.grid import layout
-from lib_ti.grid.options import PLACEHOLDER, GridRequest, cell_count, grid_request
+from lib_ti.grid.options import MAX_CELLS, PLACEHOLDER, GridRequest, cell_count, defaults, grid_request
 from lib_ti.hostinfo import Generation, HostServices
 from lib_ti.io.formats import read_embedding
 from lib_ti.training.jobs import Job, JobManager
@@ -77,12 +77,17 @@ class GridService:
         return None
 
     def options(self) -> dict[str, Any]:
-        from lib_ti.grid.options import defaults
-
+        """The host's checkpoints, the loaded one, and every default (for the view and ``GET /ti/v1/grid``)."""
+        try:
+            checkpoints, loaded = self.host.checkpoints(), self.host.checkpoint()
+        except Exception:  # a host whose checkpoint list cannot be read still shows the view
+            logger.exception("the host's checkpoint list cannot be read")
+            checkpoints, loaded = [], ""
         return {
-            "checkpoints": self.host.checkpoints(),
-            "loaded": self.host.checkpoint(),
+            "checkpoints": checkpoints,
+            "loaded": loaded,
             "defaults": defaults(),
+            "available": self.available(),
         }
 
     def request(self, given: Mapping[str, Any] | GridRequest) -> tuple[GridRequest, list[Row]]:
@@ -98,8 +103,6 @@ class GridService:
                 raise TIError(msg)
         rows = self.rows(req)
         total = cell_count(req, 1) * len(rows) // max(1, len(req.prompts) * len(req.seeds))
-        from lib_ti.grid.options import MAX_CELLS
-
         if total > MAX_CELLS:
             msg = f"the grid would have {total} images; at most {MAX_CELLS} (fewer rows, columns, prompts or seeds)"
             raise TIError(msg)

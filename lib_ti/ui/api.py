@@ -31,6 +31,9 @@ from starlette.concurrency import run_in_threadpool
 
 from lib_ti.create import CreateArgs, InitMode
 from lib_ti.errors import EmbeddingExists, JobNotFound, NotFoundError, TIError, short_repr
+from lib_ti.grid.options import FIELD_TYPES as GRID_TYPES
+from lib_ti.grid.options import ITEM_TYPES as GRID_ITEMS
+from lib_ti.grid.options import GridRequest
 from lib_ti.io.formats import read_embedding
 from lib_ti.io.library import list_files
 from lib_ti.prepare.options import FIELD_TYPES as PREPARE_TYPES
@@ -133,6 +136,22 @@ def _prepare_body() -> type[BaseModel]:
 
 
 PrepareBody = _prepare_body()
+
+
+def _grid_body() -> type[BaseModel]:
+    """The body of POST /ti/v1/grid: GridRequest's fields, every one optional; a list field takes a JSON
+    list or text (prompts one per line, the others comma-separated). List items are checked by
+    :func:`~lib_ti.grid.options.grid_request` (pydantic 1 would round 1.5 to a seed of 1)."""
+    spec: dict[str, Any] = {}
+    for f in fields(GridRequest):
+        item = GRID_ITEMS.get(f.name)
+        items = item if item is str else Any
+        kind = Union[list[items], str] if item else GRID_TYPES[f.name]  # type: ignore[valid-type]  # noqa: UP007
+        spec[f.name] = (Optional[kind], None)  # noqa: UP045
+    return create_model("GridBody", __base__=StrictBody, **spec)
+
+
+GridBody = _grid_body()
 CaptionOp = Literal["replace", "remove_tag", "rename_tag", "sort_tags", "add_tags", "set", "undo"]
 
 
@@ -169,6 +188,7 @@ BODIES: dict[str, type[BaseModel]] = {
     "train": TrainBody,
     "prepare": PrepareBody,
     "captions": CaptionsBody,
+    "grid": GridBody,
 }
 
 
@@ -509,6 +529,14 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
         folder, op = b.pop("folder"), b.pop("op")
         return service.prepare.edit_captions(folder, op, **b)
 
+    def grid_options() -> Any:
+        return service.grid.options()
+
+    def grid(body: Any) -> Any:
+        given = {k: v for k, v in validate(GridBody, body).items() if v is not None}
+        job = service.grid.start(given)
+        return JSONResponse(status_code=202, content={"job": job.id})
+
     def job_status(job_id: str) -> Any:
         return status_view(_job(job_id).status)
 
@@ -542,5 +570,7 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
     body_route("/prepare", prepare, PrepareBody)
     route("/captions", captions, "GET")
     body_route("/captions", captions_post, CaptionsBody)
+    route("/grid", grid_options, "GET")
+    body_route("/grid", grid, GridBody)
     route("/jobs/{job_id}", job_status, "GET")
     route("/jobs/{job_id}/stop", job_stop, "POST")

@@ -14,6 +14,7 @@ from lib_ti.hostinfo import HostInfo
 from lib_ti.io import library
 from lib_ti.io.formats import read_embedding
 from lib_ti.stats import Comparison, embedding_stats
+from lib_ti.ui import grid_view
 from lib_ti.ui.common import NEAREST_HEADERS, nearest_rows
 from lib_ti.ui.compat import file_upload_kwargs, js_kwargs, uploaded_path
 from lib_ti.ui.plots import bar_plot
@@ -238,6 +239,8 @@ def build(host: HostInfo) -> InspectHandlers:
         overwrite = gr.Checkbox(False, label="Overwrite an existing file", elem_id="ti_inspect_overwrite")
         save = gr.Button("Save", variant="primary", elem_id="ti_inspect_save")
         save_note = gr.Markdown(elem_id="ti_inspect_save_note")
+    with gr.Accordion("Comparison grid: embeddings × checkpoints", open=False, elem_id="ti_grid"):
+        grid_view.build(host)
 
     outputs = [summary, table, meta, status, nearest, norms]
     file.change(h.describe, inputs=[file], outputs=outputs)
