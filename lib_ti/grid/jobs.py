@@ -174,8 +174,9 @@ class GridService:
             self.host.progress_begin(f"Grid: {picture.title}", st.total, task_id)
             self.host.progress_jobs(st.total)
             started = time.perf_counter()
+            stopped = False
             try:
-                self._cells(job, req, rows, picture, before, started)
+                stopped = self._cells(job, req, rows, picture, before, started)
             finally:
                 try:
                     if self.host.checkpoint() != before and self.host.load_checkpoint is not None:
@@ -193,7 +194,6 @@ class GridService:
         st.report = {"rows": picture.rows, "columns": picture.columns, "images": made,
                      "notes": sorted({c.note for c in picture.cells.values() if c.note})}  # fmt: skip
         st.eta_seconds = 0.0
-        stopped = job.stop_event.is_set() or self.host.interrupted() or st.state == "stopped"
         if stopped:
             st.state = "stopped"
             st.message = f"stopped: {made} of {st.total} images in {Path(st.file).name}"
@@ -208,7 +208,7 @@ class GridService:
         picture: layout.GridPicture,
         before: str,
         started: float,
-    ) -> None:
+    ) -> bool:
         st = job.status
         generate = self.host.generate
         if generate is None or self.host.load_checkpoint is None:  # checked in request()
@@ -228,8 +228,7 @@ class GridService:
             status = self.host.embedding_status() if not problem else {}
             for r, row in enumerate(rows):
                 if job.stop_event.is_set() or self.host.interrupted():
-                    st.state = "stopped"
-                    return
+                    return True  # the job's state changes once the checkpoint is back and the grid written
                 note = problem or self._unusable(row, kind, status)
                 cell = layout.Cell(r, c, note=note)
                 if not note:
@@ -250,6 +249,7 @@ class GridService:
                 elapsed = time.perf_counter() - started
                 st.eta_seconds = round(elapsed / st.step * (st.total - st.step), 1)
                 st.message = f"{st.step}/{st.total}: {row.label} on {picture.columns[c]}"
+        return False
 
     def _kind(self) -> str:
         try:

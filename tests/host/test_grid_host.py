@@ -1,0 +1,138 @@
+"""The comparison grid on real hosts (A1111 with its tiny SD1 checkpoints; Forge with its full-shape
+SD1.5): 2 embeddings × 2 checkpoints through the host's txt2img, the grid's size and labels, the
+checkpoint loaded before put back, and Interrupt mid-grid leaving the host usable.
+
+The second checkpoint is a hard link of the first under another name (no disk), so both columns render
+and the infotext names the checkpoint each cell used. Run one host at a time (tests/host/README.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lib_ti.grid.jobs import short_checkpoint
+from lib_ti.grid.layout import read_metadata
+
+from .test_a1111_training import wait_job
+
+pytestmark = pytest.mark.host
+MARKER = {"a1111": "TI hashes", "forge": "TI: "}
+SIZE = 64
+
+
+@pytest.fixture(scope="module", params=list(MARKER))
+def host(request):
+    h = request.getfixturevalue(request.param)
+    return h, request.param
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(host):
+    h, _ = host
+    loaded = h.get("/sdapi/v1/options")["sd_model_checkpoint"]
+    models = {m["title"]: Path(m["filename"]) for m in h.get("/sdapi/v1/sd-models")}
+    title = next(t for t in models if t == loaded or short_checkpoint(t) == short_checkpoint(loaded))
+    src = models[title]
+    copy = src.with_name(f"{src.stem}-gridcopy{src.suffix}")
+    # the tiny checkpoints need their config beside them (A1111 reads <checkpoint>.yaml)
+    pairs = [(src, copy), (src.with_suffix(".yaml"), copy.with_suffix(".yaml"))]
+    for a, b in pairs:
+        if a.exists() and not b.exists():
+            os.link(a, b)
+    try:
+        h.post("/sdapi/v1/refresh-checkpoints", {})
+        titles = h.get("/ti/v1/grid")["checkpoints"]
+        other = next(t for t in titles if short_checkpoint(t) == copy.stem)
+        yield title, other
+    finally:
+        for _, b in pairs:
+            b.unlink(missing_ok=True)
+        with contextlib.suppress(Exception):
+            h.post("/sdapi/v1/refresh-checkpoints", {})
+
+
+@pytest.fixture(scope="module")
+def rows(host):
+    h, _ = host
+    for name, text in (("gridcat", "a tabby cat"), ("griddog", "a black dog")):
+        h.post("/ti/v1/create", {"name": name, "vectors": 2, "init_text": text, "overwrite": True})
+    return ["gridcat", "griddog"]
+
+
+def loaded_title(h) -> str:
+    return h.get("/sdapi/v1/options")["sd_model_checkpoint"]
+
+
+def test_two_by_two_grid_renders_through_the_host_and_puts_the_checkpoint_back(host, two_checkpoints, rows):
+    h, which = host
+    first, second = two_checkpoints
+    opts = h.get("/ti/v1/grid")
+    assert opts["available"] is None and short_checkpoint(opts["loaded"]) == short_checkpoint(first)
+    t0 = time.time()
+    job = h.post("/ti/v1/grid", {"embeddings": rows, "checkpoints": [second, first], "steps": 2,
+                                 "width": SIZE, "height": SIZE, "seeds": [11], "prompts": ["a photo of [name], garden"]})["job"]  # fmt: skip
+    st = wait_job(h, job, timeout=900)
+    print(f"[{which}] 2x2 grid in {time.time() - t0:.1f} s")
+    assert st["state"] == "done", st
+    assert (st["kind"], st["step"], st["steps"], st["report"]["images"]) == ("grid", 4, 4, 4), st["report"]
+    meta = read_metadata(st["file"])
+    assert meta["rows"] == rows
+    assert meta["columns"] == [short_checkpoint(second), short_checkpoint(first)]
+    for cell in meta["cells"]:
+        name, column = rows[cell["row"]], meta["columns"][cell["column"]]
+        assert not cell["note"], cell
+        assert f"a photo of {name}, garden" in cell["infotext"]
+        assert f"Model: {column}" in cell["infotext"], cell["infotext"]
+        assert MARKER[which] in cell["infotext"] and name in cell["infotext"].split("\n")[-1], cell[
+            "infotext"
+        ]
+    with Image.open(st["file"]) as im:
+        label_w, top = im.width - 2 * SIZE, im.height - 2 * SIZE
+        assert label_w >= 160 and 0 < top < 100, im.size
+    # the checkpoint loaded before is loaded again, and a generation uses it
+    assert short_checkpoint(loaded_title(h)) == short_checkpoint(first)
+    out = h.post(
+        "/sdapi/v1/txt2img", {"prompt": "after the grid, a house", "steps": 1, "width": SIZE, "height": SIZE}
+    )
+    assert f"Model: {short_checkpoint(first)}" in out["info"]
+
+
+def test_interrupt_mid_grid_leaves_the_host_usable(host, two_checkpoints, rows):
+    h, which = host
+    first, second = two_checkpoints
+    job = h.post("/ti/v1/grid", {"embeddings": rows, "checkpoints": [second, first], "steps": 8, "width": SIZE,
+                                 "height": SIZE, "seeds": [1, 2, 3], "prompts": ["[name] by a lake"]})["job"]  # fmt: skip
+    deadline = time.time() + 600
+    while h.get(f"/ti/v1/jobs/{job}")["step"] < 1:
+        assert time.time() < deadline, "no cell made in 600 s"
+        time.sleep(0.5)
+    h.post("/sdapi/v1/interrupt", {})
+    st = wait_job(h, job, timeout=600)
+    assert st["state"] == "stopped", st
+    assert 1 <= st["report"]["images"] < 12
+    meta = read_metadata(st["file"])
+    assert len(meta["rows"]) == 6 and len(meta["columns"]) == 2
+    assert short_checkpoint(loaded_title(h)) == short_checkpoint(first)
+    out = h.post(
+        "/sdapi/v1/txt2img",
+        {"prompt": "gridcat after an interrupt", "steps": 1, "width": SIZE, "height": SIZE},
+    )
+    assert out["images"] and f"Model: {short_checkpoint(first)}" in out["info"]
+    print(f"[{which}] interrupted after {st['report']['images']} of 12 images")
+
+
+def test_bad_grid_requests_are_4xx(host, rows):
+    h, _ = host
+    import urllib.error
+
+    for body, text in (({"embeddings": rows, "checkpoints": ["nope.safetensors"]}, "not one of this web UI's"),
+                       ({"embeddings": rows, "prompts": ["no placeholder"]}, "[name]")):  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as e:
+            h.post("/ti/v1/grid", body)
+        assert e.value.code in (400, 422) and text in e.value.read().decode()
