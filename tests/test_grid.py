@@ -315,7 +315,9 @@ def test_rest_grid_starts_a_job_and_the_status_names_the_file(env, client):
     opts = client.get("/ti/v1/grid").json()
     assert opts["checkpoints"] == list(CKPTS) and opts["loaded"] == fake.loaded
     assert opts["defaults"]["prompts"] == ["a photo of [name]"]
-    r = client.post("/ti/v1/grid", json={"embeddings": ["cat", "dog"], "cfg_scales": "5, 8", "seeds": [3], "steps": 4})
+    r = client.post(
+        "/ti/v1/grid", json={"embeddings": ["cat", "dog"], "cfg_scales": "5, 8", "seeds": [3], "steps": 4}
+    )
     assert r.status_code == 202, r.text
     job = r.json()["job"]
     st = client.get(f"/ti/v1/jobs/{job}").json()
@@ -345,3 +347,11 @@ def test_rest_grid_refuses_bad_bodies_by_name(env, client, body, status, text):
     r = client.post("/ti/v1/grid", json=body)
     assert (r.status_code, text in r.json()["detail"]) == (status, True), r.text
     assert env[1].made == []
+
+
+def test_a_checkpoint_named_before_the_host_hashed_it_is_still_found(env):
+    service, fake, _, _ = env
+    st = run(service, embeddings=["cat"], checkpoints=["other/tiny-two.ckpt"])
+    assert st.state == "finished" and fake.loads[0] == "other/tiny-two.ckpt [bbbb2222]"
+    # a loaded title that gained its hash meanwhile is the same checkpoint: no reload at the end
+    assert fake.loads == ["other/tiny-two.ckpt [bbbb2222]", "tiny-sd1.safetensors [aaaa1111]"]

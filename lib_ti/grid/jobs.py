@@ -10,7 +10,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,17 @@ class Row:
 
 def short_checkpoint(title: str) -> str:
     """``folder/model.safetensors [hash]`` → ``model``."""
-    base = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", title).replace("\\", "/").rsplit("/", 1)[-1]
+    base = without_hash(title).replace("\\", "/").rsplit("/", 1)[-1]
     return re.sub(r"\.(safetensors|ckpt|pt|bin|gguf)$", "", base, flags=re.IGNORECASE) or title
+
+
+def without_hash(title: str) -> str:
+    """A checkpoint title without its `` [hash]``: the hosts add it once they have hashed the file."""
+    return re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", title)
+
+
+def same_checkpoint(a: str, b: str) -> bool:
+    return a == b or without_hash(a) == without_hash(b)
 
 
 def snapshots(log_dir: str | Path, name: str) -> dict[int, Path]:
@@ -97,10 +106,14 @@ class GridService:
             raise TIError(why)
         req = given if isinstance(given, GridRequest) else grid_request(given)
         known = self.host.checkpoints()
+        titles = []
         for title in req.checkpoints:
-            if title not in known:
+            found = [k for k in known if same_checkpoint(k, title)]
+            if not found:
                 msg = f"checkpoint {short_repr(title)} is not one of this web UI's: {', '.join(known) or 'none'}"
                 raise TIError(msg)
+            titles.append(found[0])
+        req = replace(req, checkpoints=tuple(titles))
         rows = self.rows(req)
         total = cell_count(req, 1) * len(rows) // max(1, len(req.prompts) * len(req.seeds))
         if total > MAX_CELLS:
@@ -179,7 +192,10 @@ class GridService:
                 stopped = self._cells(job, req, rows, picture, before, started)
             finally:
                 try:
-                    if self.host.checkpoint() != before and self.host.load_checkpoint is not None:
+                    if (
+                        not same_checkpoint(self.host.checkpoint(), before)
+                        and self.host.load_checkpoint is not None
+                    ):
                         st.message = f"loading {short_checkpoint(before)} again"
                         self.host.load_checkpoint(before)
                 finally:
@@ -216,7 +232,7 @@ class GridService:
         for c, (title, cfg) in enumerate(req.columns):
             title = title or before
             problem = ""
-            if self.host.checkpoint() != title:
+            if not same_checkpoint(self.host.checkpoint(), title):
                 st.message = f"loading {short_checkpoint(title)}"
                 self.host.progress_update(st.step, st.message)
                 try:
