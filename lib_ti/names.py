@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from lib_ti.errors import InvalidNameError
@@ -68,3 +69,22 @@ def path_in_folder(folder: str | os.PathLike[str], name: str, suffix: str) -> Pa
         msg = f"embedding name {name!r} would be written outside {root}"
         raise InvalidNameError(msg)
     return target
+
+
+#: the suffixes of checkpoint files, dropped from a checkpoint's label
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft", ".gguf")
+_HASH_SUFFIX = re.compile(r"\s*\[[^\[\]]*\]\s*$")
+
+
+def without_hash(title: str) -> str:
+    """A checkpoint title without its `` [hash]``: the hosts add it once they have hashed the file."""
+    return _HASH_SUFFIX.sub("", str(title).strip())
+
+
+def checkpoint_label(title: str) -> str:
+    """A checkpoint title for people: ``SDXL/model.safetensors [c9e3e68f89]`` -> ``model``."""
+    text = re.split(r"[\\/]", without_hash(title))[-1]
+    for suffix in MODEL_SUFFIXES:
+        if text.lower().endswith(suffix):
+            return text[: -len(suffix)] or text
+    return text

@@ -19,7 +19,7 @@ from lib_ti.create import MAX_SEED, CreateArgs, create_embedding
 from lib_ti.embedding import Embedding
 from lib_ti.errors import EmbeddingFormatError, TIError, short_repr
 from lib_ti.merge.evaluator import MergeContext, merge_to_embedding
-from lib_ti.names import MAX_NAME_LENGTH, validate_name
+from lib_ti.names import MAX_NAME_LENGTH, checkpoint_label, validate_name
 from lib_ti.stats import Comparison, compare
 from lib_ti.text.vocab import Vocabulary
 
@@ -32,8 +32,6 @@ TRAINING_KEYS = ("trainer", "trained_encoders", "val_loss", "resume")
 FILE_KEYS = ("stored_name", "ignored_tensors", "transfer", "transfer_fit")
 #: longest checkpoint part of a re-made embedding's name
 SHORT_NAME_LENGTH = 40
-MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft", ".gguf")
-_HASH_SUFFIX = re.compile(r"\s*\[[^\[\]]*\]\s*$")
 _GRID_HINT = (
     "re-making is not possible for trained embeddings or files without a recipe; the comparison grid "
     "shows how the file behaves on each checkpoint instead"
@@ -176,13 +174,7 @@ def checkpoint_short_name(title: str) -> str:
     ``"SDXL/juggernautXL_v9 (rundiffusion).safetensors [c9e3e68f89]"`` -> ``"juggernautXL_v9_rundiffusion"``.
     May be empty (a title of symbols only).
     """
-    text = _HASH_SUFFIX.sub("", str(title).strip())
-    text = re.split(r"[\\/]", text)[-1]
-    for suffix in MODEL_SUFFIXES:
-        if text.lower().endswith(suffix):
-            text = text[: -len(suffix)]
-            break
-    text = "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+    text = "".join(c if c.isalnum() or c in "-_." else "_" for c in checkpoint_label(title))
     text = re.sub(r"\.{2,}", ".", re.sub(r"_{2,}", "_", text))
     return text.strip("._-")[:SHORT_NAME_LENGTH].rstrip("._-")
 

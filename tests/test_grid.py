@@ -16,10 +16,11 @@ from PIL import Image
 from lib_ti.embedding import Embedding
 from lib_ti.errors import TIError
 from lib_ti.grid import layout
-from lib_ti.grid.jobs import short_checkpoint, snapshots
+from lib_ti.grid.jobs import snapshots
 from lib_ti.grid.options import MAX_CELLS, grid_request
 from lib_ti.hostinfo import Generation, HostServices
 from lib_ti.io.formats import write_embedding
+from lib_ti.names import checkpoint_label
 from lib_ti.service import Service
 from lib_ti.training.jobs import BusyError
 
@@ -276,8 +277,8 @@ def test_a_host_without_txt2img_says_so(env):
     [("tiny-sd1.safetensors [c77d740a47]", "tiny-sd1"), ("sub/dir/My Model.ckpt", "My Model"),
      ("win\\dir\\x.safetensors [ab12]", "x"), ("plain", "plain")],
 )  # fmt: skip
-def test_short_checkpoint_names(title, short):
-    assert short_checkpoint(title) == short
+def test_checkpoint_label_names(title, short):
+    assert checkpoint_label(title) == short
 
 
 def test_request_text_forms_match_the_list_forms():

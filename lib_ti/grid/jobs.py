@@ -20,6 +20,7 @@ from lib_ti.grid import layout
 from lib_ti.grid.options import MAX_CELLS, PLACEHOLDER, GridRequest, cell_count, defaults, grid_request
 from lib_ti.hostinfo import Generation, HostServices
 from lib_ti.io.formats import read_embedding
+from lib_ti.names import checkpoint_label, without_hash
 from lib_ti.training.jobs import Job, JobManager
 from lib_ti.training.recipes import KIND_RECIPES
 
@@ -41,17 +42,6 @@ class Row:
     seed: int
     #: registered with the host for this row's images only (a snapshot); else the host's own database
     temporary: bool
-
-
-def short_checkpoint(title: str) -> str:
-    """``folder/model.safetensors [hash]`` → ``model``."""
-    base = without_hash(title).replace("\\", "/").rsplit("/", 1)[-1]
-    return re.sub(r"\.(safetensors|ckpt|pt|bin|gguf)$", "", base, flags=re.IGNORECASE) or title
-
-
-def without_hash(title: str) -> str:
-    """A checkpoint title without its `` [hash]``: the hosts add it once they have hashed the file."""
-    return re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", title)
 
 
 def same_checkpoint(a: str, b: str) -> bool:
@@ -166,7 +156,7 @@ class GridService:
     def _column_label(self, title: str, cfg: float, req: GridRequest) -> str:
         """The checkpoint's short name when the columns change checkpoints (or nothing changes), the CFG
         scale when they change it."""
-        parts = [short_checkpoint(title)] if req.checkpoints or len(req.cfg_scales) == 1 else []
+        parts = [checkpoint_label(title)] if req.checkpoints or len(req.cfg_scales) == 1 else []
         if len(req.cfg_scales) > 1:
             parts.append(f"CFG {cfg:g}")
         return " · ".join(parts)
@@ -196,7 +186,7 @@ class GridService:
                         not same_checkpoint(self.host.checkpoint(), before)
                         and self.host.load_checkpoint is not None
                     ):
-                        st.message = f"loading {short_checkpoint(before)} again"
+                        st.message = f"loading {checkpoint_label(before)} again"
                         self.host.load_checkpoint(before)
                 finally:
                     self.host.progress_end(task_id)
@@ -233,13 +223,13 @@ class GridService:
             title = title or before
             problem = ""
             if not same_checkpoint(self.host.checkpoint(), title):
-                st.message = f"loading {short_checkpoint(title)}"
+                st.message = f"loading {checkpoint_label(title)}"
                 self.host.progress_update(st.step, st.message)
                 try:
                     self.host.load_checkpoint(title)
                 except Exception as e:  # a checkpoint that cannot load spoils its column, not the grid
                     logger.exception("grid: %s cannot be loaded", title)
-                    problem = f"{short_checkpoint(title)} did not load: {e}"
+                    problem = f"{checkpoint_label(title)} did not load: {e}"
             kind = "" if problem else self._kind()
             status = self.host.embedding_status() if not problem else {}
             for r, row in enumerate(rows):

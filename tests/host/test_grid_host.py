@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lib_ti.grid.jobs import short_checkpoint
 from lib_ti.grid.layout import read_metadata
+from lib_ti.names import checkpoint_label
 
 from .test_a1111_training import wait_job
 
@@ -37,7 +37,7 @@ def two_checkpoints(host):
     h, _ = host
     loaded = h.get("/sdapi/v1/options")["sd_model_checkpoint"]
     models = {m["title"]: Path(m["filename"]) for m in h.get("/sdapi/v1/sd-models")}
-    title = next(t for t in models if t == loaded or short_checkpoint(t) == short_checkpoint(loaded))
+    title = next(t for t in models if t == loaded or checkpoint_label(t) == checkpoint_label(loaded))
     src = models[title]
     copy = src.with_name(f"{src.stem}-gridcopy{src.suffix}")
     # the tiny checkpoints need their config beside them (A1111 reads <checkpoint>.yaml)
@@ -48,7 +48,7 @@ def two_checkpoints(host):
     try:
         h.post("/sdapi/v1/refresh-checkpoints", {})
         titles = h.get("/ti/v1/grid")["checkpoints"]
-        other = next(t for t in titles if short_checkpoint(t) == copy.stem)
+        other = next(t for t in titles if checkpoint_label(t) == copy.stem)
         yield title, other
     finally:
         for _, b in pairs:
@@ -73,7 +73,7 @@ def test_two_by_two_grid_renders_through_the_host_and_puts_the_checkpoint_back(h
     h, which = host
     first, second = two_checkpoints
     opts = h.get("/ti/v1/grid")
-    assert opts["available"] is None and short_checkpoint(opts["loaded"]) == short_checkpoint(first)
+    assert opts["available"] is None and checkpoint_label(opts["loaded"]) == checkpoint_label(first)
     t0 = time.time()
     job = h.post("/ti/v1/grid", {"embeddings": rows, "checkpoints": [second, first], "steps": 2,
                                  "width": SIZE, "height": SIZE, "seeds": [11], "prompts": ["a photo of [name], garden"]})["job"]  # fmt: skip
@@ -83,7 +83,7 @@ def test_two_by_two_grid_renders_through_the_host_and_puts_the_checkpoint_back(h
     assert (st["kind"], st["step"], st["steps"], st["report"]["images"]) == ("grid", 4, 4, 4), st["report"]
     meta = read_metadata(st["file"])
     assert meta["rows"] == rows
-    assert meta["columns"] == [short_checkpoint(second), short_checkpoint(first)]
+    assert meta["columns"] == [checkpoint_label(second), checkpoint_label(first)]
     for cell in meta["cells"]:
         name, column = rows[cell["row"]], meta["columns"][cell["column"]]
         assert not cell["note"], cell
@@ -96,11 +96,11 @@ def test_two_by_two_grid_renders_through_the_host_and_puts_the_checkpoint_back(h
         label_w, top = im.width - 2 * SIZE, im.height - 2 * SIZE
         assert label_w >= 160 and 0 < top < 100, im.size
     # the checkpoint loaded before is loaded again, and a generation uses it
-    assert short_checkpoint(loaded_title(h)) == short_checkpoint(first)
+    assert checkpoint_label(loaded_title(h)) == checkpoint_label(first)
     out = h.post(
         "/sdapi/v1/txt2img", {"prompt": "after the grid, a house", "steps": 1, "width": SIZE, "height": SIZE}
     )
-    assert f"Model: {short_checkpoint(first)}" in out["info"]
+    assert f"Model: {checkpoint_label(first)}" in out["info"]
 
 
 def test_interrupt_mid_grid_leaves_the_host_usable(host, two_checkpoints, rows):
@@ -118,12 +118,12 @@ def test_interrupt_mid_grid_leaves_the_host_usable(host, two_checkpoints, rows):
     assert 1 <= st["report"]["images"] < 12
     meta = read_metadata(st["file"])
     assert len(meta["rows"]) == 6 and len(meta["columns"]) == 2
-    assert short_checkpoint(loaded_title(h)) == short_checkpoint(first)
+    assert checkpoint_label(loaded_title(h)) == checkpoint_label(first)
     out = h.post(
         "/sdapi/v1/txt2img",
         {"prompt": "gridcat after an interrupt", "steps": 1, "width": SIZE, "height": SIZE},
     )
-    assert out["images"] and f"Model: {short_checkpoint(first)}" in out["info"]
+    assert out["images"] and f"Model: {checkpoint_label(first)}" in out["info"]
     print(f"[{which}] interrupted after {st['report']['images']} of 12 images")
 
 
