@@ -36,6 +36,7 @@ from lib_ti.merge import MergeContext, merge_to_embedding
 from lib_ti.names import path_in_folder, validate_name
 from lib_ti.parts import ModelParts
 from lib_ti.prepare.jobs import PrepareService
+from lib_ti.remake import recipe_of, remake, remake_name
 from lib_ti.text.nearest import NearestTokens, nearest_tokens
 from lib_ti.training.captions import builtin_templates, fill_template, load_template, read_caption
 from lib_ti.training.dataset import DataArgs
@@ -288,6 +289,32 @@ class Service:
         result = create_embedding(args, self.vocabularies(parts))
         path = self.write(result.embedding, overwrite=overwrite, fmt=fmt)
         return path, result.warnings
+
+    def token_tables(self) -> dict[str, Any]:
+        """The loaded model's token-embedding tables by encoder (``clip_l``, ``clip_g``, ``clip_h``)."""
+        parts = self.host.build_parts()
+        return {e.key: e.table_weight for e in parts.prompt_encoder.encoders}
+
+    def remake(self, name: str, *, overwrite: bool = False, fmt: str | None = None) -> dict[str, Any]:
+        """Re-make an embedding made from text or by merge for the loaded checkpoint, saved as
+        ``<name>-<checkpoint>``; the table of differences against the original. RemakeError for a
+        trained one (the comparison grid is the way to see it on each checkpoint)."""
+        emb = read_embedding(self.find_embedding_file(name), name)
+        recipe_of(emb)  # refuse before the model is touched
+        parts = self.host.build_parts()
+        title = self.host.checkpoint() or parts.model_hash or ""
+        new_name = remake_name(name, title)
+        result = remake(
+            emb, self.vocabularies(parts), self.merge_context(parts), new_name, checkpoint=title or None
+        )
+        path = self.write(result.embedding, overwrite=overwrite, fmt=fmt)
+        return {
+            "name": new_name,
+            "file": str(path),
+            "recipe": result.recipe,
+            "delta": result.delta.to_dict() if result.delta is not None else None,
+            "warnings": result.warnings,
+        }
 
     def forget_model(self) -> None:
         """Drop everything that holds the loaded model's encoders (nearest-token tables, the merge

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -36,6 +37,14 @@ class Comparison:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Comparison:
+        return cls(
+            [EncoderComparison(**e) for e in data["encoders"]],
+            data["mean_abs_diff"],
+            list(data.get("notes", [])),
+        )
 
 
 def vector_stats(matrix: torch.Tensor) -> list[VectorStats]:

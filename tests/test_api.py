@@ -122,7 +122,17 @@ def test_schema_route_lists_every_body_and_field(api):
 
     client, *_ = api
     schema = client.get("/ti/v1/schema").json()
-    assert set(schema["bodies"]) == {"create", "merge", "evaluate", "inspect", "train", "prepare", "captions"}
+    assert set(schema["bodies"]) == {
+        "create",
+        "merge",
+        "evaluate",
+        "inspect",
+        "train",
+        "prepare",
+        "captions",
+        "grid",
+        "remake",
+    }
     train = schema["bodies"]["train"]
     assert set(train["properties"]) == set(FIELD_TYPES)
     assert set(train["required"]) == {"embedding"}  # dataset_dir may be left out when resuming

@@ -155,6 +155,7 @@ def call(fn, args):
 
 
 def test_tab_builds_and_every_handler_matches_its_wiring(host):
+    from lib_ti.ui.grid_view import FIELDS as GRID_FIELDS
     from lib_ti.ui.prepare_view import FIELDS as PREPARE_FIELDS
     from lib_ti.ui.tab import TAB_ID, TAB_TITLE, on_ui_tabs
     from lib_ti.ui.train_view import FIELDS
@@ -177,12 +178,18 @@ def test_tab_builds_and_every_handler_matches_its_wiring(host):
         "PrepareHandlers.save_table", "PrepareHandlers.undo", "PrepareHandlers.replace",
         "PrepareHandlers.remove_tag", "PrepareHandlers.rename_tag", "PrepareHandlers.add_tags",
         "PrepareHandlers.sort_tags", "PrepareHandlers.output_folder", "PrepareHandlers.refresh",
+        "InspectHandlers.remake", "GridHandlers.start", "GridHandlers.watch", "GridHandlers.stop",
+        "GridHandlers.refresh",
     }  # fmt: skip
     called = set()
     for fn, n_in, n_out in handlers:
         params = pyinspect.signature(fn).parameters
         if fn.__qualname__ == "PrepareHandlers.start":  # start(task_id, *form): its own test runs it
             assert n_in == 1 + len(PREPARE_FIELDS), (fn.__qualname__, n_in)
+            continue
+        if fn.__qualname__ == "GridHandlers.start":  # a host with txt2img runs it (test_grid_host)
+            assert n_in == 1 + len(GRID_FIELDS), (fn.__qualname__, n_in)
+            assert "offers no txt2img" in str(fn("", *[None] * len(GRID_FIELDS)))
             continue
         if any(p.kind is p.VAR_POSITIONAL for p in params.values()):  # start(task_id, *form)
             assert n_in == 1 + len(FIELDS), (fn.__qualname__, n_in)
@@ -197,6 +204,8 @@ def test_tab_builds_and_every_handler_matches_its_wiring(host):
             assert len(result) == n_out, (fn.__qualname__, len(result), n_out)
         if fn.__qualname__ == "TrainHandlers.resume":  # nothing to resume here (or a run is busy)
             assert "no unfinished run" in str(result) or "busy" in str(result), result
+        elif fn.__qualname__ == "InspectHandlers.remake":  # the sample file is not made from a recipe
+            assert "comparison grid" in str(result), result
         else:
             assert "⚠" not in str(result), (fn.__qualname__, result)
         called.add(fn.__qualname__)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+import torch
 
 from lib_ti.errors import EmbeddingFormatError, TIError
 from lib_ti.io.convert import to_sd1, to_sdxl_l
@@ -19,10 +22,15 @@ from lib_ti.io.formats import (
 )
 from lib_ti.names import path_in_folder
 from lib_ti.stats import Comparison, compare
+from lib_ti.text.transfer import DEFAULT_K, to_sd1_by_tokens, to_sdxl_by_tokens
 
 logger = logging.getLogger(__name__)
 
-ConvertTarget = Literal["same", "sd1", "sdxl_g_from_other", "sdxl_g_zeros"]
+ConvertTarget = Literal[
+    "same", "sd1", "sdxl_g_from_other", "sdxl_g_zeros", "sdxl_g_by_tokens", "sd1_by_tokens"
+]
+#: the conversions that need the loaded model's token tables (nearest-token transfer)
+BY_TOKENS: tuple[ConvertTarget, ...] = ("sdxl_g_by_tokens", "sd1_by_tokens")
 
 
 @dataclass
@@ -62,8 +70,13 @@ def convert_and_save(
     target: ConvertTarget = "same",
     other: str | None = None,
     overwrite: bool = False,
+    tables: Callable[[], Mapping[str, torch.Tensor]] | None = None,
+    k: int = DEFAULT_K,
 ) -> Path:
-    """Write ``source`` (converted as asked) into ``folder`` as ``new_name`` in format ``fmt``."""
+    """Write ``source`` (converted as asked) into ``folder`` as ``new_name`` in format ``fmt``.
+
+    ``tables``: the loaded model's token tables by encoder (``clip_l``, ``clip_g``), for the
+    nearest-token conversions (an SDXL model must be loaded: it has both)."""
     emb = read_embedding(resolve(folder, source))
     suffix = WRITE_SUFFIX.get(fmt)
     if suffix is None:
@@ -80,6 +93,15 @@ def convert_and_save(
             msg = "choose the embedding to take the CLIP-G half from (the comparison file)"
             raise TIError(msg)
         emb = to_sdxl_l(emb, read_embedding(resolve(folder, other)), new_name)
+    elif target in BY_TOKENS:
+        found = dict(tables()) if tables is not None else {}
+        if not {"clip_l", "clip_g"} <= set(found):
+            msg = "nearest-token transfer needs an SDXL model loaded: its CLIP-L and CLIP-G token tables"
+            raise TIError(msg)
+        if target == "sdxl_g_by_tokens":
+            emb = to_sdxl_by_tokens(emb, found["clip_l"], found["clip_g"], k, name=new_name)
+        else:
+            emb = to_sd1_by_tokens(emb, found["clip_g"], found["clip_l"], k, name=new_name)
     elif target != "same":
         msg = f"unknown conversion {target!r}"
         raise EmbeddingFormatError(msg)

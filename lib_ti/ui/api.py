@@ -95,6 +95,13 @@ class MergeBody(StrictBody):
     format: Optional[SaveFormat] = None  # noqa: UP045
 
 
+class RemakeBody(StrictBody):
+    #: an embedding made from text (Create) or by Merge, re-made for the loaded checkpoint
+    name: str
+    overwrite: bool = False
+    format: Optional[SaveFormat] = None  # noqa: UP045
+
+
 class EvaluateBody(StrictBody):
     expression: str
     #: top-k nearest vocabulary tokens per vector and encoder (0: none)
@@ -189,6 +196,7 @@ BODIES: dict[str, type[BaseModel]] = {
     "prepare": PrepareBody,
     "captions": CaptionsBody,
     "grid": GridBody,
+    "remake": RemakeBody,
 }
 
 
@@ -529,6 +537,10 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
         folder, op = b.pop("folder"), b.pop("op")
         return service.prepare.edit_captions(folder, op, **b)
 
+    def remake(body: Any) -> Any:
+        b = validate(RemakeBody, body)
+        return service.remake(b["name"], overwrite=b["overwrite"], fmt=b["format"])
+
     def grid_options() -> Any:
         return service.grid.options()
 
@@ -570,6 +582,7 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
     body_route("/prepare", prepare, PrepareBody)
     route("/captions", captions, "GET")
     body_route("/captions", captions_post, CaptionsBody)
+    body_route("/remake", remake, RemakeBody)
     route("/grid", grid_options, "GET")
     body_route("/grid", grid, GridBody)
     route("/jobs/{job_id}", job_status, "GET")

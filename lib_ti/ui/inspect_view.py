@@ -26,6 +26,8 @@ CONVERT_TARGETS: dict[str, library.ConvertTarget] = {
     "SD1 (CLIP-L half of an SDXL embedding)": "sd1",
     "SDXL: CLIP-L from this, CLIP-G from the comparison embedding": "sdxl_g_from_other",
     "SDXL: CLIP-L from this, CLIP-G zeros": "sdxl_g_zeros",
+    "SDXL: CLIP-L from this, CLIP-G by nearest tokens (an SDXL model loaded)": "sdxl_g_by_tokens",
+    "SD1 from a CLIP-G-only file by nearest tokens (an SDXL model loaded)": "sd1_by_tokens",
 }
 
 
@@ -149,6 +151,28 @@ class InspectHandlers:
             return "", [], {}, _error(e), [], ""
         return self._views(emb, summary_markdown(emb, "(uploaded)", {}))
 
+    def remake(
+        self, relpath: str | None, fmt: str, overwrite: bool
+    ) -> tuple[Any, Any, list[list[object]], str]:
+        """Re-make the chosen embedding for the loaded checkpoint; its table of differences."""
+        if not relpath or self.host.service is None:
+            return gr.update(), gr.update(), [], "Choose an embedding made from text or by Merge."
+        name = library.Path(relpath).stem
+        try:
+            done = self.host.service().remake(
+                name, overwrite=bool(overwrite), fmt=fmt if fmt != "png" else None
+            )
+        except (TIError, FileExistsError) as e:
+            return gr.update(), gr.update(), [], _error(e)
+        rows = compare_rows(Comparison.from_dict(done["delta"])) if done["delta"] else []
+        choices = self.choices()
+        rel = library.Path(done["file"]).relative_to(library.Path(self.folder()).resolve()).as_posix()
+        note = [
+            f"Re-made from its {done['recipe']} recipe as `{done['name']}` (`{rel}`): A = {name}, B = the re-made one."
+        ]
+        note += [f"⚠ {html.escape(w)}" for w in done["warnings"]]
+        return gr.update(choices=choices), gr.update(choices=choices), rows, "\n\n".join(note)
+
     def compare(self, a: str | None, b: str | None) -> tuple[list[list[object]], str]:
         if not a or not b:
             return [], "Choose two embeddings to compare."
@@ -177,6 +201,7 @@ class InspectHandlers:
                 CONVERT_TARGETS.get(target_label, "same"),
                 other,
                 overwrite,
+                tables=self.host.service().token_tables if self.host.service is not None else None,
             )
         except (TIError, FileExistsError) as e:
             return gr.update(), gr.update(), _error(e)
@@ -239,6 +264,16 @@ def build(host: HostInfo) -> InspectHandlers:
         overwrite = gr.Checkbox(False, label="Overwrite an existing file", elem_id="ti_inspect_overwrite")
         save = gr.Button("Save", variant="primary", elem_id="ti_inspect_save")
         save_note = gr.Markdown(elem_id="ti_inspect_save_note")
+    with gr.Accordion("Re-make for the loaded checkpoint", open=False, elem_id="ti_remake"):
+        gr.Markdown(
+            "An embedding made from text (Create) or by Merge is evaluated again on the loaded checkpoint's "
+            "token tables and saved as `<name>-<checkpoint>`; the table shows how far each vector moved. "
+            "A trained embedding has no recipe: use the comparison grid below to see it on each checkpoint.",
+            elem_id="ti_remake_help",
+        )
+        remake_btn = gr.Button("Re-make for this checkpoint", elem_id="ti_remake_start")
+        remake_note = gr.Markdown(elem_id="ti_remake_note")
+        remake_table = gr.Dataframe(headers=COMPARE_HEADERS, interactive=False, elem_id="ti_remake_table")
     with gr.Accordion("Comparison grid: embeddings × checkpoints", open=False, elem_id="ti_grid"):
         grid_view.build(host)
 
@@ -249,5 +284,8 @@ def build(host: HostInfo) -> InspectHandlers:
     compare_btn.click(h.compare, inputs=[file, other], outputs=[compare_table, compare_note])
     save.click(
         h.save_as, inputs=[file, other, new_name, fmt, target, overwrite], outputs=[file, other, save_note]
+    ).then(fn=None, **js_kwargs("tiRefreshCards"))
+    remake_btn.click(
+        h.remake, inputs=[file, fmt, overwrite], outputs=[file, other, remake_table, remake_note]
     ).then(fn=None, **js_kwargs("tiRefreshCards"))
     return h
