@@ -1,4 +1,4 @@
-"""Command line for the file-level tools: ``python -m lib_ti inspect|diff|convert``.
+"""Command line for the file-level tools: ``python -m lib_ti inspect|diff|convert|extract``.
 
 Exit codes: 0 success, 2 bad input (one line on stderr, never a traceback).
 """
@@ -15,8 +15,23 @@ from pathlib import Path
 from lib_ti import __version__
 from lib_ti.embedding import KIND_LABELS, Embedding
 from lib_ti.errors import TIError
-from lib_ti.io.convert import to_sd1, to_sdxl_l
-from lib_ti.io.formats import read_diffusers_pair, read_embedding, write_embedding
+from lib_ti.io.bundles import (
+    FORGE_BUNDLE_NOTE,
+    PRODUCER_LABELS,
+    BundledInfo,
+    extract_bundled,
+    has_bundled,
+    list_bundled,
+)
+from lib_ti.io.convert import CONVERT_TO, convert_to, to_sd1, to_sdxl_l
+from lib_ti.io.formats import (
+    T5_FILE_KEYS,
+    WRITE_SUFFIX,
+    check_convention,
+    read_diffusers_pair,
+    read_embedding,
+    write_embedding,
+)
 from lib_ti.stats import compare, embedding_stats
 
 EXIT_OK = 0
@@ -29,7 +44,9 @@ def _describe(path: str, emb: Embedding) -> dict[str, object]:
         "name": emb.name,
         "kind": emb.kind,
         "vectors": emb.num_vectors,
+        "counts": emb.vector_counts,
         "widths": {k: int(v.shape[1]) for k, v in emb.vectors.items()},
+        "convention": emb.convention,
         "step": emb.step,
         "sd_checkpoint": emb.sd_checkpoint,
         "sd_checkpoint_name": emb.sd_checkpoint_name,
@@ -39,10 +56,33 @@ def _describe(path: str, emb: Embedding) -> dict[str, object]:
     }
 
 
+def _describe_bundles(path: str, infos: list[BundledInfo]) -> dict[str, object]:
+    return {"file": path, "lora": True, "bundled": [b.to_dict() for b in infos], "note": FORGE_BUNDLE_NOTE}
+
+
+def _print_bundles(path: str, infos: list[BundledInfo]) -> None:
+    print(f"{path}: a LoRA with {len(infos)} bundled embedding(s)")
+    for b in infos:
+        what = f"{b.dtype}, {PRODUCER_LABELS[b.producer]}"
+        if b.kind:
+            t5 = f" (t5: {b.counts['t5']})" if b.counts.get("t5", b.vectors) != b.vectors else ""
+            what = f"{KIND_LABELS[b.kind]}, {b.vectors} vector(s){t5}, {what}"
+        print(f"  {b.name}: {what}")
+        if b.ignored:
+            print(f"    left out: {', '.join(b.ignored)}")
+        if b.problem:
+            print(f"    cannot be extracted: it {b.problem}")
+        elif b.name_problem:
+            print(f"    {b.name_problem}: extract it with --name {b.name!r} --as NEW_NAME")
+    print(f"  note: {FORGE_BUNDLE_NOTE}")
+
+
 def _print_description(d: dict[str, object]) -> None:
+    counts = dict(d["counts"])  # type: ignore[call-overload]
+    t5 = f" (t5: {counts['t5']})" if counts.get("t5", d["vectors"]) != d["vectors"] else ""
     print(f"{d['file']}")
     print(
-        f"  name: {d['name']}  kind: {KIND_LABELS[str(d['kind'])]}  vectors: {d['vectors']}  step: {d['step']}"
+        f"  name: {d['name']}  kind: {KIND_LABELS[str(d['kind'])]}  vectors: {d['vectors']}{t5}  step: {d['step']}"
     )
     if d["sd_checkpoint"] or d["sd_checkpoint_name"]:
         print(f"  checkpoint: {d['sd_checkpoint']} ({d['sd_checkpoint_name']})")
@@ -60,12 +100,23 @@ def _print_description(d: dict[str, object]) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    out = [_describe(f, read_embedding(f)) for f in args.files]
+    """Embedding files, and LoRA files with bundled embeddings (their header only)."""
+    out: list[tuple[dict[str, object], list[BundledInfo] | None]] = []
+    for f in args.files:
+        if has_bundled(f):
+            infos = list_bundled(f)
+            out.append((_describe_bundles(f, infos), infos))
+        else:
+            out.append((_describe(f, read_embedding(f)), None))
     if args.json:
-        print(json.dumps(out if len(out) > 1 else out[0], indent=2))
-    else:
-        for d in out:
+        found = [d for d, _ in out]
+        print(json.dumps(found if len(found) > 1 else found[0], indent=2))
+        return EXIT_OK
+    for (d, bundled), f in zip(out, args.files):
+        if bundled is None:
             _print_description(d)
+        else:
+            _print_bundles(f, bundled)
     return EXIT_OK
 
 
@@ -97,8 +148,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.g_from and args.g_zeros:
         msg = "give either --g-from FILE or --g-zeros, not both"
         raise TIError(msg)
+    if args.to and (args.to_sd1 or args.to_sdxl_l or args.g_from or args.g_zeros):
+        msg = "--to cannot be combined with --to-sd1, --to-sdxl-l, --g-from or --g-zeros"
+        raise TIError(msg)
     emb = read_embedding(args.input, name=name)
-    if args.to_sd1:
+    if args.to:
+        emb = convert_to(emb, args.to, name)
+    elif args.to_sd1:
         emb = to_sd1(emb, name)
     elif args.to_sdxl_l or args.g_from or args.g_zeros:
         if args.g_from:
@@ -119,6 +175,26 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_extract(args: argparse.Namespace) -> int:
+    if args.as_name is not None and len(args.name or ()) != 1:
+        msg = "--as renames one embedding: give exactly one --name with it"
+        raise TIError(msg)
+    rename = {args.name[0]: args.as_name} if args.as_name is not None else None
+    convention = check_convention(args.convention) if args.convention else None
+    paths = extract_bundled(
+        args.lora,
+        args.out,
+        names=args.name,
+        overwrite=args.overwrite,
+        fmt=args.format,
+        rename=rename,
+        convention=convention,
+    )
+    for path in paths:
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m lib_ti", description="Textual-inversion embedding file tools."
@@ -126,7 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"lib_ti {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("inspect", help="kind, vectors, norms and statistics of embedding files")
+    s = sub.add_parser(
+        "inspect",
+        help="kind, vectors, norms and statistics of embedding files; the embeddings bundled in a LoRA file",
+    )
     s.add_argument("files", nargs="+")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_inspect)
@@ -137,7 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_diff)
 
-    s = sub.add_parser("convert", help="convert between formats (.safetensors, .pt, .png) and SD1/SDXL-L")
+    s = sub.add_parser(
+        "convert",
+        help="convert between formats (.safetensors, .pt, .png), kinds and SD3/Flux key conventions",
+    )
     s.add_argument("input")
     s.add_argument("output", help="format from the suffix: .safetensors, .pt (A1111) or .png")
     s.add_argument("--name", help="embedding name stored in the file (default: output file name)")
@@ -147,8 +229,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--g-zeros", action="store_true", help="fill the CLIP-G half with zeros (explicitly)")
     s.add_argument("--to-sd1", action="store_true", help="take the CLIP-L half of an SDXL embedding")
+    s.add_argument(
+        "--to",
+        choices=CONVERT_TO,
+        help="sd1: the CLIP-L part of SDXL, SD3 or Flux; sdxl: SD3 without its T5 vectors; "
+        f"onetrainer / comfyui: an SD3/Flux file with the T5 key {' / '.join(T5_FILE_KEYS.values())}",
+    )
     s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("extract", help="write the embeddings bundled in a LoRA file into a folder")
+    s.add_argument("lora", help="a .safetensors LoRA file with bundled embeddings")
+    s.add_argument("--out", required=True, metavar="DIR", help="the folder to write into (made if missing)")
+    s.add_argument(
+        "--name", action="append", help="extract only this bundled embedding (repeat for more; default: all)"
+    )
+    s.add_argument("--as", dest="as_name", metavar="NEW", help="write the one --name under this name")
+    s.add_argument("--format", choices=tuple(WRITE_SUFFIX), default="safetensors")
+    s.add_argument(
+        "--convention", choices=tuple(T5_FILE_KEYS), help="SD3/Flux keys (default: the LoRA's, OneTrainer)"
+    )
+    s.add_argument("--overwrite", action="store_true", help="replace existing files")
+    s.set_defaults(func=cmd_extract)
     return p
 
 

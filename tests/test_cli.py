@@ -188,3 +188,122 @@ def test_bad_input_exit_2_one_line_no_traceback(tmp_path, content):
 def test_usage_error_is_exit_2():
     r = run("frobnicate")
     assert r.returncode == 2
+
+
+def bundled_lora(tmp_path):
+    """A kohya-style LoRA with a bundled SD1 embedding (A1111 bundle format, as deepghs/cyberharem's
+    pack_to_bundle_lora writes it) and a OneTrainer-style SDXL one under OneTrainer's default
+    placeholder (StableDiffusionXLLoRASaver: bundle_emb.<placeholder>.clip_l/.clip_g/.clip_l_out)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    sd = {
+        "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(4, 768, generator=g),
+        "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(4.0),
+        "bundle_emb.mychar.string_to_param.*": torch.randn(2, 768, generator=g),
+        "bundle_emb.<embedding>.clip_l": torch.randn(1, 768, generator=g),
+        "bundle_emb.<embedding>.clip_g": torch.randn(1, 1280, generator=g),
+        "bundle_emb.<embedding>.clip_l_out": torch.randn(1, 768, generator=g),
+    }
+    path = tmp_path / "lora.safetensors"
+    save_file(sd, str(path), {"ss_network_module": "networks.lora"})
+    return path
+
+
+def sd3_file(tmp_path, name="s3"):
+    g = torch.Generator().manual_seed(4)
+    vecs = {
+        "clip_l": torch.randn(2, 768, generator=g),
+        "clip_g": torch.randn(2, 1280, generator=g),
+        "t5": torch.randn(3, 4096, generator=g),
+    }
+    return write_embedding(Embedding(name, vecs), tmp_path / f"{name}.safetensors", convention="onetrainer")
+
+
+def test_inspect_lora_lists_bundled_embeddings(tmp_path, capsys):
+    lora = bundled_lora(tmp_path)
+    assert main(["inspect", str(lora), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["lora"] is True and "Forge" in out["note"]
+    found = {b["name"]: b for b in out["bundled"]}
+    assert (found["mychar"]["kind"], found["mychar"]["producer"]) == ("sd1", "a1111")
+    assert (found["<embedding>"]["kind"], found["<embedding>"]["producer"]) == ("sdxl", "onetrainer")
+    assert found["<embedding>"]["ignored"] == ["bundle_emb.<embedding>.clip_l_out"]
+    assert main(["inspect", str(lora), str(sd1(tmp_path))]) == 0
+    text = capsys.readouterr().out
+    assert "a LoRA with 2 bundled embedding(s)" in text
+    assert "--name '<embedding>' --as NEW_NAME" in text
+    assert "SD1 (CLIP-L 768)" in text
+
+
+def test_extract_all_and_one_renamed(tmp_path, capsys):
+    lora = bundled_lora(tmp_path)
+    out = tmp_path / "embeddings"
+    r = run("extract", lora, "--out", out)
+    assert r.returncode == 2
+    assert "extract it under another name" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+    assert main(["extract", str(lora), "--out", str(out), "--name", "mychar"]) == 0
+    assert main(["extract", str(lora), "--out", str(out), "--name", "<embedding>", "--as", "ot_char"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["mychar.safetensors", "ot_char.safetensors"]
+    assert read_embedding(out / "ot_char.safetensors").kind == "sdxl"
+    assert read_embedding(out / "mychar.safetensors").metadata["source_lora"] == "lora.safetensors"
+
+
+def test_extract_bad_input_exit_2(tmp_path):
+    lora = bundled_lora(tmp_path)
+    r = run("extract", lora, "--out", tmp_path / "o", "--as", "x")
+    assert r.returncode == 2 and "exactly one --name" in r.stderr
+    r = run("extract", lora, "--out", tmp_path / "o", "--name", "nope")
+    assert r.returncode == 2 and "no bundled embedding named 'nope'" in r.stderr
+    r = run("extract", sd1(tmp_path), "--out", tmp_path / "o")
+    assert r.returncode == 2 and "holds no bundled embeddings" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_convert_sd3_to_sdxl_sd1_and_conventions(tmp_path):
+    from safetensors import safe_open
+
+    s3 = sd3_file(tmp_path)
+    assert main(["inspect", str(s3), "--json"]) == 0
+    assert main(["convert", str(s3), str(tmp_path / "x.safetensors"), "--to", "sdxl"]) == 0
+    x = read_embedding(tmp_path / "x.safetensors")
+    assert x.kind == "sdxl" and torch.equal(x.vectors["clip_g"], read_embedding(s3).vectors["clip_g"])
+    assert main(["convert", str(s3), str(tmp_path / "one.pt"), "--to", "sd1"]) == 0
+    assert read_embedding(tmp_path / "one.pt").kind == "sd1"
+    assert main(["convert", str(s3), str(tmp_path / "c.safetensors"), "--to", "comfyui"]) == 0
+    with safe_open(str(tmp_path / "c.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["clip_g", "clip_l", "t5xxl"]
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "c.safetensors"),
+                str(tmp_path / "o.safetensors"),
+                "--to",
+                "onetrainer",
+            ]
+        )
+        == 0
+    )
+    with safe_open(str(tmp_path / "o.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["clip_g", "clip_l", "t5"]
+
+
+def test_inspect_sd3_text_shows_t5_count(tmp_path, capsys):
+    assert main(["inspect", str(sd3_file(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    assert "SD3 / SD3.5" in out and "vectors: 2 (t5: 3)" in out and "OneTrainer keys" in out
+
+
+def test_convert_sd3_refusals_exit_2(tmp_path):
+    s3 = sd3_file(tmp_path)
+    r = run("convert", s3, tmp_path / "a.pt")
+    assert r.returncode == 2 and "write it as .safetensors" in r.stderr
+    r = run("convert", s3, tmp_path / "b.safetensors", "--to", "sdxl", "--to-sd1")
+    assert r.returncode == 2 and "--to cannot be combined" in r.stderr
+    r = run("convert", sd1(tmp_path), tmp_path / "c.safetensors", "--to", "comfyui")
+    assert r.returncode == 2 and "differ only for SD3 and Flux" in r.stderr
+    assert not any((tmp_path / n).exists() for n in ("a.pt", "b.safetensors", "c.safetensors"))

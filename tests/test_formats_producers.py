@@ -193,3 +193,86 @@ def test_our_border_encoder_matches_a1111_pixel_for_pixel():
 def test_raw_tensor_pt(tmp_path):
     torch.save(vec(2, 1024), tmp_path / "raw.pt")
     assert read_embedding(tmp_path / "raw.pt").kind == "sd2"
+
+
+def test_onetrainer_sd3_with_output_embeddings(tmp_path):
+    # OneTrainer modules/modelSaver/stableDiffusion3/StableDiffusion3EmbeddingSaver.py _to_state_dict:
+    # clip_l, clip_g, t5 and clip_l_out, clip_g_out, t5_out, cast to the save dtype, save_file without
+    # metadata. The T5 part has its own count (ModelSetupEmbeddingMixin._create_new_embedding sizes each
+    # encoder's vectors by its own tokens of the init text when no token count is set).
+    t = {
+        "clip_l": vec(2, 768),
+        "clip_g": vec(2, 1280, 1),
+        "t5": vec(3, 4096, 2),
+        "clip_l_out": vec(2, 768, 3),
+        "clip_g_out": vec(2, 1280, 4),
+        "t5_out": vec(3, 4096, 5),
+    }
+    save_file({k: v.bfloat16() for k, v in t.items()}, str(tmp_path / "ot_sd3.safetensors"))
+    emb = read_embedding(tmp_path / "ot_sd3.safetensors")
+    assert (emb.kind, emb.convention, emb.num_vectors) == ("sd3", "onetrainer", 2)
+    assert emb.vector_counts == {"clip_l": 2, "clip_g": 2, "t5": 3}
+    assert torch.equal(emb.vectors["t5"], t["t5"].bfloat16().float())
+    assert emb.metadata["ignored_tensors"] == "clip_g_out,clip_l_out,t5_out"
+
+
+def test_onetrainer_flux_with_output_embeddings(tmp_path):
+    # flux/FluxEmbeddingSaver.py _to_state_dict: clip_l, t5, clip_l_out, t5_out.
+    t = {
+        "clip_l": vec(1, 768),
+        "t5": vec(2, 4096, 1),
+        "clip_l_out": vec(1, 768, 2),
+        "t5_out": vec(2, 4096, 3),
+    }
+    save_file(t, str(tmp_path / "ot_flux.safetensors"))
+    emb = read_embedding(tmp_path / "ot_flux.safetensors")
+    assert (emb.kind, emb.convention, emb.vector_counts) == ("flux", "onetrainer", {"clip_l": 1, "t5": 2})
+    assert emb.metadata["ignored_tensors"] == "clip_l_out,t5_out"
+
+
+@pytest.mark.parametrize(
+    ("tensors", "kind"),
+    [
+        ({"clip_l": (2, 768), "clip_g": (2, 1280), "t5xxl": (2, 4096)}, "sd3"),
+        ({"clip_l": (2, 768), "t5xxl": (4, 4096)}, "flux"),
+    ],
+)
+def test_comfyui_sd3_and_flux(tmp_path, tensors, kind):
+    # ComfyUI comfy/sd1_clip.py load_embed: each tokenizer takes its own embedding_key from the file
+    # (sd1_clip.SDTokenizer "clip_l", sdxl_clip.SDXLClipGTokenizer "clip_g", T5XXLTokenizer "t5xxl" in
+    # comfy/text_encoders/sd3_clip.py and flux.py), so the counts are independent there.
+    data = {k: vec(*shape, seed=i) for i, (k, shape) in enumerate(tensors.items())}
+    save_file(data, str(tmp_path / "c.safetensors"))
+    emb = read_embedding(tmp_path / "c.safetensors")
+    assert (emb.kind, emb.convention) == (kind, "comfyui")
+    assert torch.equal(emb.vectors["t5"], data["t5xxl"])
+    assert "ComfyUI keys" in emb.source
+
+
+def test_comfyui_multi_model_file_with_umt5xxl(tmp_path):
+    # umt5xxl is the key of ComfyUI's UMT5-XXL tokenizer (comfy/text_encoders/wan.py, Wan video models):
+    # another encoder than SD3/Flux's T5-XXL. Beside t5xxl it is left out; alone it is refused.
+    data = {
+        "clip_l": vec(1, 768),
+        "clip_g": vec(1, 1280, 1),
+        "t5xxl": vec(1, 4096, 2),
+        "umt5xxl": vec(1, 4096, 3),
+    }
+    save_file(data, str(tmp_path / "all.safetensors"))
+    emb = read_embedding(tmp_path / "all.safetensors")
+    assert (emb.kind, emb.metadata["ignored_tensors"]) == ("sd3", "umt5xxl")
+    assert torch.equal(emb.vectors["t5"], data["t5xxl"])
+    save_file({"umt5xxl": vec(2, 4096)}, str(tmp_path / "wan.safetensors"))
+    from lib_ti.errors import EmbeddingFormatError
+
+    with pytest.raises(EmbeddingFormatError, match="UMT5-XXL"):
+        read_embedding(tmp_path / "wan.safetensors")
+
+
+def test_lora_given_as_embedding_says_so(tmp_path):
+    from lib_ti.errors import EmbeddingFormatError
+
+    lora = {f"lora_unet_block_{i}.lora_down.weight": vec(4, 320, i) for i in range(20)}
+    save_file(lora, str(tmp_path / "l.safetensors"))
+    with pytest.raises(EmbeddingFormatError, match=r"this is a LoRA .*\(20 in all\)"):
+        read_embedding(tmp_path / "l.safetensors")

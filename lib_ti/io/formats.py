@@ -2,11 +2,13 @@
 
 Read: A1111 ``.pt`` (``string_to_param``, also as a ``ParameterDict``), single-tensor dicts
 (kohya ``emb_params``, OneTrainer ``emp_params``, diffusers ``{"<token>": T}``) in ``.pt``/``.bin``/
-``.safetensors``, SDXL ``{"clip_l", "clip_g"}``, the diffusers SDXL pair of files, and images carrying
-an embedding (``sd-ti-embedding`` chunk or border strips).
+``.safetensors``, SDXL ``{"clip_l", "clip_g"}``, SD3 ``{"clip_l", "clip_g", T5}`` and Flux
+``{"clip_l", T5}`` with T5 as ``t5`` (OneTrainer) or ``t5xxl`` (ComfyUI), the diffusers SDXL pair of
+files, and images carrying an embedding (``sd-ti-embedding`` chunk or border strips).
 
 Write: ``.safetensors`` (default; metadata in the header), A1111 ``.pt`` (legacy torch format, which
-A1111 v1.10's safe unpickler accepts) and ``.png`` (chunk + border strips). Every write is atomic.
+A1111 v1.10's safe unpickler accepts) and ``.png`` (chunk + border strips); SD3/Flux as
+``.safetensors`` only, in the OneTrainer or the ComfyUI key convention. Every write is atomic.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from lib_ti.embedding import Embedding, encoder_for_width
+from lib_ti.embedding import KIND_LABELS, T5_KINDS, Convention, Embedding, encoder_for_width
 from lib_ti.errors import EmbeddingFormatError
 from lib_ti.io import image_data, safe_pickle, safetensors_io
 from lib_ti.io.atomic import atomic_write, atomic_write_bytes
@@ -45,6 +47,15 @@ _FIELD_KEYS = ("name", "step", "sd_checkpoint", "sd_checkpoint_name")
 PT_METADATA_KEY = "lib_ti_metadata"
 PNG_METADATA_CHUNK = "lib-ti-metadata"
 _IMAGE_MAGIC = (b"\x89PNG", b"RIFF", b"\xff\x0a", b"\x00\x00\x00\x0cJXL", b"\xff\xd8")
+#: The T5 matrix's key in SD3/Flux files, by convention: OneTrainer's embedding savers
+#: (modules/modelSaver/stableDiffusion3/StableDiffusion3EmbeddingSaver.py, flux/FluxEmbeddingSaver.py:
+#: clip_l, clip_g, t5 and the output embeddings clip_l_out, clip_g_out, t5_out) and ComfyUI's
+#: tokenizers (comfy/text_encoders/sd3_clip.py and flux.py: embedding_key "t5xxl"; comfy/sd1_clip.py
+#: "clip_l", comfy/sdxl_clip.py "clip_g").
+T5_FILE_KEYS: dict[Convention, str] = {"onetrainer": "t5", "comfyui": "t5xxl"}
+CONVENTION_LABELS: dict[str, str] = {"onetrainer": "OneTrainer keys", "comfyui": "ComfyUI keys"}
+#: What a new SD3/Flux embedding is written as: ComfyUI is where these files are used.
+DEFAULT_CONVENTION: Convention = "comfyui"
 
 
 # --------------------------------------------------------------------------- reading
@@ -103,7 +114,7 @@ def read_embedding_bytes(data: bytes, name: str, label: str = "embedding") -> Em
 
 
 def _with_source(emb: Embedding, source: str) -> Embedding:
-    emb.source = source
+    emb.source = f"{source}, {CONVENTION_LABELS[emb.convention]}" if emb.convention else source
     return emb
 
 
@@ -160,6 +171,7 @@ def embedding_from_data(
     """Interpret a loaded object as an embedding, in the order the hosts use (plus peers' layouts)."""
     fields: dict[str, Any] = {}
     metadata: dict[str, str] = dict(header or {})
+    convention: Convention | None = None
     for key in _FIELD_KEYS:
         if key in metadata:
             fields[key] = metadata.pop(key)
@@ -185,7 +197,7 @@ def embedding_from_data(
         if isinstance(extra, Mapping):
             metadata.update({str(k): str(v) for k, v in extra.items()})
     else:
-        vectors = _tensor_dict_vectors(data, label, metadata)
+        vectors, convention = _tensor_dict_vectors(data, label, metadata)
         for key in _FIELD_KEYS:
             if key in data and not isinstance(data[key], torch.Tensor) and data[key] is not None:
                 fields[key] = _scalar(data[key])
@@ -203,7 +215,7 @@ def embedding_from_data(
         return None if v is None else str(v)
 
     try:
-        return Embedding(
+        emb = Embedding(
             name=name,
             vectors=vectors,
             step=step,
@@ -214,30 +226,76 @@ def embedding_from_data(
     except EmbeddingFormatError as e:
         msg = str(e).replace(f"{name or 'embedding'}:", f"{label}:", 1)
         raise EmbeddingFormatError(msg) from None
+    if emb.kind in T5_KINDS:
+        emb.convention = convention
+    return emb
 
 
 def _tensor_dict_vectors(
     data: Mapping[str, Any], label: str, metadata: dict[str, str]
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], Convention | None]:
+    """The vectors of a dict of tensors, and the T5 key convention when there is a T5 matrix."""
     tensors = {str(k): v for k, v in data.items() if isinstance(v, torch.Tensor)}
-    if "clip_l" in tensors or "clip_g" in tensors:
-        ignored = sorted(set(tensors) - {"clip_l", "clip_g"})
+    t5_found = [c for c, k in T5_FILE_KEYS.items() if k in tensors]
+    if "clip_l" in tensors or "clip_g" in tensors or t5_found:
+        vectors: dict[str, torch.Tensor] = {k: tensors[k] for k in ("clip_l", "clip_g") if k in tensors}
+        convention = _t5_convention(tensors, t5_found, label)
+        if convention is not None:
+            vectors["t5"] = tensors[T5_FILE_KEYS[convention]]
+        if not set(vectors) - {"t5"}:
+            encoder_for_width(4096, label)  # raises: T5 alone is no SD3/Flux embedding
+        used = {"clip_l", "clip_g"} | ({T5_FILE_KEYS[convention]} if convention else set())
+        ignored = sorted(set(tensors) - used)
         if ignored:
             metadata["ignored_tensors"] = ",".join(ignored)
-        return {k: tensors[k] for k in ("clip_l", "clip_g") if k in tensors}
+        return vectors, convention
     # OneTrainer writes "<key>_out" beside "<key>" for output embeddings; the input one is the embedding.
     base = [k for k in tensors if not (k.endswith("_out") and k[:-4] in tensors)]
     if len(base) != 1:
-        keys = ", ".join(sorted(tensors)) or "none"
-        msg = f"{label}: expected one embedding tensor (or clip_l and clip_g), found tensors: {keys}"
+        msg = f"{label}: expected one embedding tensor (or clip_l and clip_g), found tensors: {_some_keys(tensors)}"
+        if any("lora" in k.lower() for k in tensors):
+            msg = f"{label}: this is a LoRA (or another model), not an embedding; its tensors: {_some_keys(tensors)}"
         raise EmbeddingFormatError(msg)
     key = base[0]
+    if key == "umt5xxl":
+        msg = (
+            f"{label}: umt5xxl vectors are for UMT5-XXL (ComfyUI's Wan video models), not an SD1, SD2, "
+            "SDXL, SD3 or Flux text encoder"
+        )
+        raise EmbeddingFormatError(msg)
     if len(tensors) > 1:
         metadata["ignored_tensors"] = ",".join(sorted(set(tensors) - {key}))
     if key not in ("emb_params", "emp_params"):
         metadata.setdefault("token", key)
     t = tensors[key]
-    return {encoder_for_width(int(t.shape[-1]) if t.dim() else 0, label): t}
+    return {encoder_for_width(int(t.shape[-1]) if t.dim() else 0, label): t}, None
+
+
+def _t5_convention(
+    tensors: Mapping[str, torch.Tensor], found: list[Convention], label: str
+) -> Convention | None:
+    """Which T5 key a file uses; both only when they hold the same vectors (then ComfyUI's)."""
+    if not found:
+        return None
+    if len(found) > 1:
+        a, b = (tensors[T5_FILE_KEYS[c]] for c in found)
+        if a.shape != b.shape or not torch.equal(a, b):
+            msg = (
+                f"{label}: holds two different T5 matrices, t5 (OneTrainer) and t5xxl (ComfyUI); "
+                "keep one of them"
+            )
+            raise EmbeddingFormatError(msg)
+        return "comfyui"
+    return found[0]
+
+
+def _some_keys(tensors: Mapping[str, Any], limit: int = 8) -> str:
+    keys = sorted(tensors)
+    if not keys:
+        return "none"
+    if len(keys) <= limit:
+        return ", ".join(keys)
+    return f"{', '.join(keys[:limit])}, … ({len(keys)} in all)"
 
 
 def read_diffusers_pair(
@@ -277,14 +335,39 @@ def header_metadata(emb: Embedding) -> dict[str, str]:
     return out
 
 
-def to_safetensors_bytes(emb: Embedding) -> bytes:
-    """SD1/SD2: ``{"emb_params": [N, D]}``; SDXL: ``{"clip_l", "clip_g"}``; everything else in the header."""
-    tensors = dict(emb.vectors) if emb.kind in ("sdxl", "sdxl_refiner") else {"emb_params": emb.matrix}
-    return safetensors_io.save_bytes(tensors, header_metadata(emb))
+def check_convention(convention: str) -> Convention:
+    """``convention`` if it is a known SD3/Flux key convention, else EmbeddingFormatError."""
+    for known in T5_FILE_KEYS:
+        if convention == known:
+            return known
+    msg = f"unknown key convention {convention!r}: onetrainer (t5) or comfyui (t5xxl)"
+    raise EmbeddingFormatError(msg)
+
+
+def file_tensors(emb: Embedding, convention: Convention | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of ``emb``'s ``.safetensors`` file, by key.
+
+    SD1/SD2: ``emb_params``; SDXL: ``clip_l``, ``clip_g``; SD3/Flux: ``clip_l`` (, ``clip_g``) and the
+    T5 matrix as ``t5`` (OneTrainer) or ``t5xxl`` (ComfyUI): ``convention``, else the one the
+    embedding was read with, else ComfyUI's. ``convention`` is ignored for the other kinds (their
+    keys are the same in both tools).
+    """
+    if emb.kind in T5_KINDS:
+        conv = check_convention(convention or emb.convention or DEFAULT_CONVENTION)
+        out = {k: v for k, v in emb.vectors.items() if k != "t5"}
+        out[T5_FILE_KEYS[conv]] = emb.vectors["t5"]
+        return out
+    return dict(emb.vectors) if emb.kind in ("sdxl", "sdxl_refiner") else {"emb_params": emb.matrix}
+
+
+def to_safetensors_bytes(emb: Embedding, convention: Convention | None = None) -> bytes:
+    """The ``.safetensors`` file of ``emb`` (tensors as :func:`file_tensors`, everything else in the header)."""
+    return safetensors_io.save_bytes(file_tensors(emb, convention), header_metadata(emb))
 
 
 def a1111_data(emb: Embedding, *, with_metadata: bool = True) -> dict[str, Any]:
     """The dict A1111 writes for an embedding (``Embedding.save``); SDXL: only the two tensors."""
+    _refuse_t5_kinds(emb, "an A1111 .pt or .png")
     if emb.kind in ("sdxl", "sdxl_refiner"):
         # A1111 calls .detach() on every value of an SDXL dict: tensors only.
         return {k: v.clone() for k, v in emb.vectors.items()}
@@ -299,6 +382,15 @@ def a1111_data(emb: Embedding, *, with_metadata: bool = True) -> dict[str, Any]:
     if with_metadata and emb.metadata:
         data[PT_METADATA_KEY] = {str(k): str(v) for k, v in emb.metadata.items()}
     return data
+
+
+def _refuse_t5_kinds(emb: Embedding, what: str) -> None:
+    if emb.kind in T5_KINDS:
+        msg = (
+            f"{emb.name}: an embedding for {KIND_LABELS[emb.kind]} cannot be written as {what}; "
+            "write it as .safetensors"
+        )
+        raise EmbeddingFormatError(msg)
 
 
 def to_a1111_pt_bytes(emb: Embedding) -> bytes:
@@ -337,8 +429,13 @@ def write_embedding(
     *,
     overwrite: bool = False,
     image: Image.Image | None = None,
+    convention: Convention | None = None,
 ) -> Path:
-    """Write ``emb`` to ``path`` (format from the suffix) atomically; refuse to overwrite unless asked."""
+    """Write ``emb`` to ``path`` (format from the suffix) atomically; refuse to overwrite unless asked.
+
+    ``convention``: the key convention of an SD3/Flux file (see :func:`file_tensors`); SD3/Flux
+    embeddings are written as ``.safetensors`` only.
+    """
     validate_name(emb.name)
     fmt = format_for_path(path)
     target = Path(path)
@@ -346,7 +443,9 @@ def write_embedding(
         msg = f"{target} is a folder"
         raise EmbeddingFormatError(msg)
     if fmt == "safetensors":
-        return atomic_write_bytes(target, to_safetensors_bytes(emb), overwrite=overwrite)
+        data = to_safetensors_bytes(emb) if convention is None else to_safetensors_bytes(emb, convention)
+        return atomic_write_bytes(target, data, overwrite=overwrite)
+    _refuse_t5_kinds(emb, f"{'an A1111 .pt' if fmt == 'pt' else 'a .png'} file")
     if fmt == "pt":
         return atomic_write_bytes(target, to_a1111_pt_bytes(emb), overwrite=overwrite)
     picture, info = to_png(emb, image)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lib_ti.embedding import ENCODER_WIDTHS, MAX_VECTORS, Embedding
+from lib_ti.embedding import ENCODER_WIDTHS, HOST_KINDS, MAX_VECTORS, Embedding, non_host_kind_message
 from lib_ti.merge.errors import MergeError
 from lib_ti.merge.lexer import SUFFIX_ENCODERS
 from lib_ti.merge.syntax import (
@@ -235,8 +235,10 @@ class _Evaluator:
             return names[0], len(name_ids)
         return None
 
-    def embedding_vectors(self, name: str) -> _Seq:
+    def embedding_vectors(self, name: str, node: Text) -> _Seq:
         emb = self.by_name[name]
+        if emb.kind not in HOST_KINDS:  # SD3/Flux: converted first, by the user
+            raise self.fail(non_host_kind_message(emb, "embedding math"), self.written(name, node)[1])
         return {e: emb.vectors[e].detach().to(device="cpu", dtype=torch.float32) for e in self.encoders}
 
     def text(self, node: Text) -> _Seq:
@@ -257,7 +259,7 @@ class _Evaluator:
                 parts.append(self.lookup_ids(run, node.col))
                 run = []
             name, k = found
-            parts.append(self.embedding_vectors(name))
+            parts.append(self.embedding_vectors(name, node))
             i += k
         if run:
             parts.append(self.lookup_ids(run, node.col))

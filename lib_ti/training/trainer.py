@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 
 from lib_ti import __version__
-from lib_ti.embedding import Embedding
+from lib_ti.embedding import HOST_KINDS, Embedding, non_host_kind_message
 from lib_ti.errors import WriteFailed
 from lib_ti.io.atomic import atomic_write_bytes
 from lib_ti.parts import ModelParts
@@ -197,6 +197,8 @@ class Trainer:
         self.name = embedding.name
         self.base = embedding
         self._check_args()
+        if embedding.kind not in HOST_KINDS:
+            raise TrainingError(non_host_kind_message(embedding, "training"))
         keys = set(parts.prompt_encoder.keys)
         if set(embedding.vectors) != keys:
             msg = (
