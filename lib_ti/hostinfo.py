@@ -130,6 +130,9 @@ class HostServices:
     #: the host's interrogators ("blip", "deepbooru"), and one run on a batch: (name, images) -> captions
     interrogators: Callable[[], list[str]] = list
     interrogate: Callable[[str, list[Any]], list[str]] | None = None
+    #: the host's LoRA folder, and what to say about embeddings bundled in LoRA files ("": it loads them)
+    lora_dir: Callable[[], str] = lambda: ""
+    bundle_note: str = ""
     #: the host's checkpoints (titles), the loaded one's title, and a load of one (under the GPU lock)
     checkpoints: Callable[[], list[str]] = list
     checkpoint: Callable[[], str] = lambda: ""

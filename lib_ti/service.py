@@ -25,6 +25,7 @@ from lib_ti.grid.jobs import GridService
 from lib_ti.hostinfo import HostServices
 from lib_ti.inline.plan import InlineEvaluator
 from lib_ti.io.atomic import atomic_write_bytes, remove_temporaries
+from lib_ti.io.bundles import extract_bundled, has_bundled, list_bundled
 from lib_ti.io.formats import (
     SAVE_SUFFIX,
     TENSOR_SUFFIXES,
@@ -213,7 +214,10 @@ class Service:
 
     @staticmethod
     def _write_sidecar(emb: Embedding, path: Path) -> None:
-        version = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sdxl_refiner": "SDXL"}[emb.kind]
+        # the Extra Networks card's version; the web UIs know no SD3 or Flux embeddings
+        version = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sdxl_refiner": "SDXL"}.get(
+            emb.kind, "Unknown"
+        )
         desc = emb.metadata.get("init_text") or emb.metadata.get("merge_expression") or ""
         data = {"description": f"{emb.num_vectors} vector(s); {desc}".strip("; "), "sd version": version}
         atomic_write_bytes(path.with_suffix(".json"), json.dumps(data, indent=2).encode())
@@ -315,6 +319,52 @@ class Service:
             "delta": result.delta.to_dict() if result.delta is not None else None,
             "warnings": result.warnings,
         }
+
+    # ------------------------------------------------------------------ embeddings bundled in LoRA files
+    def lora_file(self, file: str) -> Path:
+        """A LoRA file: a path, or one relative to the web UI's LoRA folder."""
+        p = Path(file).expanduser()
+        if not p.is_absolute():
+            p = Path(self.host.lora_dir() or ".") / p
+        return p
+
+    def lora_files(self) -> list[str]:
+        """The LoRA files (relative to the web UI's LoRA folder) that hold embeddings; only headers are read."""
+        root = Path(self.host.lora_dir() or "")
+        if not root.is_dir():
+            return []
+        found = []
+        for p in sorted(root.rglob("*.safetensors"), key=lambda q: str(q).lower()):
+            try:
+                if p.is_file() and has_bundled(p):
+                    found.append(p.relative_to(root).as_posix())
+            except TIError as e:  # a broken LoRA file is not ours to report here
+                logger.debug("%s: %s", p, e)
+        return found
+
+    def bundles(self, file: str) -> dict[str, Any]:
+        """The embeddings bundled in a LoRA file, from its header."""
+        path = self.lora_file(file)
+        return {"file": str(path), "embeddings": [b.to_dict() for b in list_bundled(path)],
+                "note": self.host.bundle_note}  # fmt: skip
+
+    def extract(
+        self,
+        file: str,
+        names: list[str] | None = None,
+        *,
+        rename: dict[str, str] | None = None,
+        overwrite: bool = False,
+        fmt: str | None = None,
+    ) -> list[Path]:
+        """Write bundled embeddings into the embeddings folder as standalone files; reload the host."""
+        for name in [*(rename or {}).values(), *(names or [])]:
+            self._refuse_if_training(name)
+        with self._write_lock:
+            paths = extract_bundled(self.lora_file(file), self.folder(), names, overwrite=overwrite,
+                                    fmt=fmt or self.host.save_format(), rename=rename)  # fmt: skip
+        self.host.reload_embeddings()
+        return paths
 
     def forget_model(self) -> None:
         """Drop everything that holds the loaded model's encoders (nearest-token tables, the merge

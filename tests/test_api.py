@@ -132,6 +132,7 @@ def test_schema_route_lists_every_body_and_field(api):
         "captions",
         "grid",
         "remake",
+        "bundles",
     }
     train = schema["bodies"]["train"]
     assert set(train["properties"]) == set(FIELD_TYPES)

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lib_ti.errors import EmbeddingFormatError
+from lib_ti.errors import EmbeddingExists, EmbeddingFormatError
 from lib_ti.io import bundles
 from lib_ti.io.bundles import FORGE_BUNDLE_NOTE, extract_bundled, has_bundled, list_bundled, read_bundled
 from lib_ti.io.formats import read_embedding
@@ -420,7 +420,7 @@ def test_no_bundles_unknown_name_and_output_only(tmp_path, kohya_sd1_lora):
 
 def test_existing_file_is_kept_unless_overwrite(kohya_sd1_lora, tmp_path):
     (tmp_path / "mychar.safetensors").write_bytes(b"mine")
-    with pytest.raises(EmbeddingFormatError, match="already exists"):
+    with pytest.raises(EmbeddingExists, match="already exists"):
         extract_bundled(kohya_sd1_lora, tmp_path)
     assert (tmp_path / "mychar.safetensors").read_bytes() == b"mine"
     assert not (tmp_path / "myoutfit.safetensors").exists()

@@ -110,6 +110,10 @@ def sample_args(host) -> dict[str, object]:
         "form_kind": "sd1",
         "job_id": "",
         "task_id": "",
+        # embeddings inside a LoRA file: none in this host's (empty) LoRA folder
+        "file": None,
+        "names": "",
+        "new_name": "",
         "upload": str(host.embeddings_dir() + "/one.safetensors"),
         # the Prepare view's caption editor, on the training folder
         "folder": data,
@@ -179,7 +183,7 @@ def test_tab_builds_and_every_handler_matches_its_wiring(host):
         "PrepareHandlers.remove_tag", "PrepareHandlers.rename_tag", "PrepareHandlers.add_tags",
         "PrepareHandlers.sort_tags", "PrepareHandlers.output_folder", "PrepareHandlers.refresh",
         "InspectHandlers.remake", "GridHandlers.start", "GridHandlers.watch", "GridHandlers.stop",
-        "GridHandlers.refresh",
+        "GridHandlers.refresh", "InspectHandlers.bundles", "InspectHandlers.extract", "InspectHandlers.refresh_loras",
     }  # fmt: skip
     called = set()
     for fn, n_in, n_out in handlers:

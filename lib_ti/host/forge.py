@@ -19,6 +19,7 @@ from lib_ti.embedding import Embedding
 from lib_ti.host import forge_checks, forge_model, grad_safe, webui
 from lib_ti.host.forge_model import engines
 from lib_ti.hostinfo import Generation, HostServices
+from lib_ti.io.bundles import FORGE_BUNDLE_NOTE
 from lib_ti.io.formats import a1111_data
 
 logger = logging.getLogger(__name__)
@@ -215,6 +216,7 @@ class ForgeAdapter(webui.WebUIAdapter):
             embedding_status=embedding_status,
             load_checkpoint=load_checkpoint,
             generate=generate,
+            bundle_note=FORGE_BUNDLE_NOTE,
         )
 
     def on_app_started(self, app: Any) -> None:

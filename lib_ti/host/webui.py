@@ -240,6 +240,13 @@ def load_checkpoint(title: str) -> None:
     sd_models.reload_model_weights(info=info)
 
 
+def lora_dir() -> str:
+    """The web UI's LoRA folder (``--lora-dir``, else ``models/Lora``)."""
+    from modules import paths, shared
+
+    return str(getattr(shared.cmd_opts, "lora_dir", None) or Path(paths.models_path) / "Lora")
+
+
 def progress_jobs(count: int) -> None:
     """The host's progress bar counts ``count`` images (each txt2img call ends one with ``nextjob``)."""
     from modules import shared
@@ -276,6 +283,7 @@ def common_services() -> dict[str, Any]:
         "progress_jobs": progress_jobs,
         "checkpoints": checkpoints,
         "checkpoint": checkpoint,
+        "lora_dir": lora_dir,
         **prepare_services(),
         "interrupted": interrupted,
         "save_format": save_format,

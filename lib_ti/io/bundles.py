@@ -38,7 +38,7 @@ from lib_ti.embedding import (
     Convention,
     Embedding,
 )
-from lib_ti.errors import EmbeddingFormatError, InvalidNameError
+from lib_ti.errors import EmbeddingExists, EmbeddingFormatError, InvalidNameError
 from lib_ti.io.formats import WRITE_SUFFIX, write_embedding
 from lib_ti.io.safetensors_io import MAX_HEADER_BYTES
 from lib_ti.names import path_in_folder, validate_name
@@ -442,7 +442,7 @@ def extract_bundled(
             raise EmbeddingFormatError(msg)
         if target.exists() and not overwrite:
             msg = f"{target} already exists; choose another name or allow overwriting"
-            raise EmbeddingFormatError(msg)
+            raise EmbeddingExists(msg)
         targets[target] = emb.name
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     written = [

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 
 from lib_ti.errors import EmbeddingFormatError, TIError
-from lib_ti.io.convert import to_sd1, to_sdxl_l
+from lib_ti.io.convert import convert_to, to_sd1, to_sdxl_l
 from lib_ti.io.formats import (
     WRITE_SUFFIX,
     format_for_path,
@@ -27,8 +27,9 @@ from lib_ti.text.transfer import DEFAULT_K, to_sd1_by_tokens, to_sdxl_by_tokens
 logger = logging.getLogger(__name__)
 
 ConvertTarget = Literal[
-    "same", "sd1", "sdxl_g_from_other", "sdxl_g_zeros", "sdxl_g_by_tokens", "sd1_by_tokens"
-]
+    "same", "sd1", "sdxl_g_from_other", "sdxl_g_zeros", "sdxl_g_by_tokens", "sd1_by_tokens",
+    "sdxl", "onetrainer", "comfyui",
+]  # fmt: skip
 #: the conversions that need the loaded model's token tables (nearest-token transfer)
 BY_TOKENS: tuple[ConvertTarget, ...] = ("sdxl_g_by_tokens", "sd1_by_tokens")
 
@@ -93,6 +94,8 @@ def convert_and_save(
             msg = "choose the embedding to take the CLIP-G half from (the comparison file)"
             raise TIError(msg)
         emb = to_sdxl_l(emb, read_embedding(resolve(folder, other)), new_name)
+    elif target in ("sdxl", "onetrainer", "comfyui"):  # SD3 -> SDXL (T5 dropped); SD3/Flux key conventions
+        emb = convert_to(emb, target, new_name)
     elif target in BY_TOKENS:
         found = dict(tables()) if tables is not None else {}
         if not {"clip_l", "clip_g"} <= set(found):

@@ -102,6 +102,17 @@ class RemakeBody(StrictBody):
     format: Optional[SaveFormat] = None  # noqa: UP045
 
 
+class ExtractBody(StrictBody):
+    #: a LoRA file: a path, or one relative to the web UI's LoRA folder
+    file: str
+    #: the bundled embeddings to extract (left out: all)
+    names: Optional[list[str]] = None  # noqa: UP045
+    #: {bundled name: new name}
+    rename: Optional[dict[str, str]] = None  # noqa: UP045
+    overwrite: bool = False
+    format: Optional[SaveFormat] = None  # noqa: UP045
+
+
 class EvaluateBody(StrictBody):
     expression: str
     #: top-k nearest vocabulary tokens per vector and encoder (0: none)
@@ -197,6 +208,7 @@ BODIES: dict[str, type[BaseModel]] = {
     "captions": CaptionsBody,
     "grid": GridBody,
     "remake": RemakeBody,
+    "bundles": ExtractBody,
 }
 
 
@@ -541,6 +553,22 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
         b = validate(RemakeBody, body)
         return service.remake(b["name"], overwrite=b["overwrite"], fmt=b["format"])
 
+    def bundles(file: str = "") -> Any:
+        if not file.strip():
+            return {
+                "folder": service.host.lora_dir(),
+                "files": service.lora_files(),
+                "note": service.host.bundle_note,
+            }
+        return service.bundles(file)
+
+    def extract(body: Any) -> Any:
+        b = validate(ExtractBody, body)
+        paths = service.extract(
+            b["file"], b["names"], rename=b["rename"], overwrite=b["overwrite"], fmt=b["format"]
+        )
+        return {"files": [str(p) for p in paths], "names": [p.stem for p in paths]}
+
     def grid_options() -> Any:
         return service.grid.options()
 
@@ -583,6 +611,8 @@ def add_routes(app: FastAPI, service: Service, auth: str | None = None) -> None:
     route("/captions", captions, "GET")
     body_route("/captions", captions_post, CaptionsBody)
     body_route("/remake", remake, RemakeBody)
+    route("/bundles", bundles, "GET")
+    body_route("/bundles", extract, ExtractBody)
     route("/grid", grid_options, "GET")
     body_route("/grid", grid, GridBody)
     route("/jobs/{job_id}", job_status, "GET")

@@ -28,6 +28,9 @@ CONVERT_TARGETS: dict[str, library.ConvertTarget] = {
     "SDXL: CLIP-L from this, CLIP-G zeros": "sdxl_g_zeros",
     "SDXL: CLIP-L from this, CLIP-G by nearest tokens (an SDXL model loaded)": "sdxl_g_by_tokens",
     "SD1 from a CLIP-G-only file by nearest tokens (an SDXL model loaded)": "sd1_by_tokens",
+    "SDXL from SD3 (T5 dropped)": "sdxl",
+    "SD3/Flux with OneTrainer's keys (t5)": "onetrainer",
+    "SD3/Flux with ComfyUI's keys (t5xxl)": "comfyui",
 }
 
 
@@ -173,6 +176,64 @@ class InspectHandlers:
         note += [f"⚠ {html.escape(w)}" for w in done["warnings"]]
         return gr.update(choices=choices), gr.update(choices=choices), rows, "\n\n".join(note)
 
+    # ------------------------------------------------------------------ embeddings inside LoRA files
+    def lora_files(self) -> list[str]:
+        try:
+            return self.host.service().lora_files() if self.host.service is not None else []
+        except Exception as e:  # the rest of the view works without them
+            logger.warning("LoRA files cannot be listed: %s", e)
+            return []
+
+    def refresh_loras(self) -> Any:
+        return gr.update(choices=self.lora_files())
+
+    def bundles(self, file: str | None) -> tuple[list[list[object]], str]:
+        """The embeddings a LoRA file holds (from its header), and the host's note about them."""
+        if not file or self.host.service is None:
+            return [], "Choose a LoRA file."
+        try:
+            found = self.host.service().bundles(file)
+        except TIError as e:
+            return [], _error(e)
+        rows: list[list[object]] = [
+            [b["name"], b["kind"], b["vectors"], b["producer"], b["problem"] or b["name_problem"] or ""]
+            for b in found["embeddings"]
+        ]
+        note = f"{len(rows)} embedding(s) in `{html.escape(file)}`."
+        if found["note"]:
+            note += f" {found['note']}"
+        return rows, note
+
+    def extract(
+        self, file: str | None, names: str, new_name: str, fmt: str, overwrite: bool
+    ) -> tuple[Any, Any, str]:
+        """Write the bundled embeddings (all, or the names given) into the embeddings folder."""
+        if not file or self.host.service is None:
+            return gr.update(), gr.update(), "Choose a LoRA file."
+        chosen = [n.strip() for n in (names or "").split(",") if n.strip()] or None
+        rename = None
+        if (new_name or "").strip():
+            if not chosen or len(chosen) != 1:
+                return (
+                    gr.update(),
+                    gr.update(),
+                    _error(TIError("a new name is for one embedding: name it in 'Embeddings'")),
+                )
+            rename = {chosen[0]: new_name.strip()}
+        try:
+            paths = self.host.service().extract(
+                file, chosen, rename=rename, overwrite=bool(overwrite), fmt=fmt if fmt != "png" else None
+            )
+        except (TIError, FileExistsError) as e:
+            return gr.update(), gr.update(), _error(e)
+        choices = self.choices()
+        made = ", ".join(f"`{p.stem}`" for p in paths)
+        return (
+            gr.update(choices=choices),
+            gr.update(choices=choices),
+            f"Extracted {made}: usable in prompts by name.",
+        )
+
     def compare(self, a: str | None, b: str | None) -> tuple[list[list[object]], str]:
         if not a or not b:
             return [], "Choose two embeddings to compare."
@@ -264,6 +325,23 @@ def build(host: HostInfo) -> InspectHandlers:
         overwrite = gr.Checkbox(False, label="Overwrite an existing file", elem_id="ti_inspect_overwrite")
         save = gr.Button("Save", variant="primary", elem_id="ti_inspect_save")
         save_note = gr.Markdown(elem_id="ti_inspect_save_note")
+    with gr.Accordion("Embeddings inside a LoRA file", open=False, elem_id="ti_bundles"):
+        with gr.Row():
+            lora = gr.Dropdown(label="LoRA file (those in the LoRA folder that hold embeddings)",
+                               choices=h.lora_files(), elem_id="ti_bundles_file")  # fmt: skip
+            lora_refresh = gr.Button("🔄", elem_id="ti_bundles_refresh", elem_classes=["tool", "ti-tool"])
+        bundle_note = gr.Markdown(elem_id="ti_bundles_note")
+        bundle_table = gr.Dataframe(
+            headers=["name", "kind", "vectors", "written by", "problem"], interactive=False,
+            elem_id="ti_bundles_table",
+        )  # fmt: skip
+        with gr.Row():
+            bundle_names = gr.Textbox(
+                label="Embeddings (comma-separated; empty: all)", elem_id="ti_bundles_names"
+            )
+            bundle_new = gr.Textbox(label="New name (one embedding)", elem_id="ti_bundles_new_name")
+        extract_btn = gr.Button("Extract into the embeddings folder", elem_id="ti_bundles_extract")
+        extract_note = gr.Markdown(elem_id="ti_bundles_extract_note")
     with gr.Accordion("Re-make for the loaded checkpoint", open=False, elem_id="ti_remake"):
         gr.Markdown(
             "An embedding made from text (Create) or by Merge is evaluated again on the loaded checkpoint's "
@@ -284,6 +362,13 @@ def build(host: HostInfo) -> InspectHandlers:
     compare_btn.click(h.compare, inputs=[file, other], outputs=[compare_table, compare_note])
     save.click(
         h.save_as, inputs=[file, other, new_name, fmt, target, overwrite], outputs=[file, other, save_note]
+    ).then(fn=None, **js_kwargs("tiRefreshCards"))
+    lora.change(h.bundles, inputs=[lora], outputs=[bundle_table, bundle_note])
+    lora_refresh.click(h.refresh_loras, outputs=[lora])
+    extract_btn.click(
+        h.extract,
+        inputs=[lora, bundle_names, bundle_new, fmt, overwrite],
+        outputs=[file, other, extract_note],
     ).then(fn=None, **js_kwargs("tiRefreshCards"))
     remake_btn.click(
         h.remake, inputs=[file, fmt, overwrite], outputs=[file, other, remake_table, remake_note]
