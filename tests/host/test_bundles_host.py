@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from ..test_bundles import KOHYA_META, kohya_lora_weights, vec
 
 pytestmark = pytest.mark.host
-MARKER = {"a1111": "TI hashes", "forge": "TI: "}
+MARKER = {"a1111": "TI hashes", "forge": "TI: ", "neo": "TI: ", "reforge": "TI hashes"}
 
 
 @pytest.fixture(scope="module", params=list(MARKER))
@@ -42,7 +42,7 @@ def test_extracted_bundles_are_usable_in_the_next_prompt(host, lora):
     path, stamp = lora
     listing = h.get("/ti/v1/bundles")
     assert path.name in listing["files"]
-    assert ("does not load" in listing["note"]) == (which == "forge")
+    assert ("does not load" in listing["note"]) == (which in ("forge", "neo"))
     found = h.get(f"/ti/v1/bundles?file={path.name}")
     assert sorted(b["name"] for b in found["embeddings"]) == [f"bchar{stamp}", f"boutfit{stamp}"]
     done = h.post(
