@@ -9,6 +9,7 @@ use; rebuilt only when a checkpoint loads), the Extra Networks cards' one, and t
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -186,7 +187,9 @@ def load_checkpoint(title: str) -> None:
     info = webui.checkpoint_info(title)
     change = getattr(main_entry, "checkpoint_change", None)
     if change is not None:
-        change(info.title, save=False)
+        # Forge Neo's takes the UI preset whose checkpoint it also records: None records none
+        extra = {"preset": None} if "preset" in inspect.signature(change).parameters else {}
+        change(info.title, save=False, **extra)
     else:  # older Forge: the option's own change callback refreshes the loading parameters
         shared.opts.set("sd_model_checkpoint", info.title)
         main_entry.refresh_model_loading_parameters()
