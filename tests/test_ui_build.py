@@ -525,3 +525,20 @@ def test_prepare_view_prepares_and_edits_captions(host, tmp_path):
     # a second run into the same folder refuses without overwrite, naming the folder
     _, status = h.start("", *[form[f] for f in FIELDS])
     assert "already holds files" in status
+
+
+def test_inspect_shows_sd3_counts_and_converts_it_for_the_web_ui(host, folder):
+    from safetensors.torch import save_file
+
+    from lib_ti.ui.inspect_view import CONVERT_TARGETS, InspectHandlers
+
+    # OneTrainer's SD3 embedding (StableDiffusion3EmbeddingSaver): clip_l, clip_g, t5 and *_out tensors
+    save_file({"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280), "t5": torch.randn(5, 4096),
+               "clip_l_out": torch.randn(2, 768)}, str(folder / "ot-sd3.safetensors"))  # fmt: skip
+    h = InspectHandlers(host)
+    md = h.describe("ot-sd3.safetensors")[0]
+    assert "SD3" in md and "clip_l 2, clip_g 2, t5 5" in md and "do not use this kind" in md, md
+    label = next(k for k, v in CONVERT_TARGETS.items() if v == "sdxl")
+    _, _, note = h.save_as("ot-sd3.safetensors", None, "from-sd3", "safetensors", label, False)
+    assert "Saved" in note, note
+    assert read_embedding(folder / "from-sd3.safetensors").kind == "sdxl"

@@ -8,7 +8,7 @@ from typing import Any
 
 import gradio as gr
 
-from lib_ti.embedding import KIND_LABELS, Embedding
+from lib_ti.embedding import HOST_KINDS, KIND_LABELS, Embedding
 from lib_ti.errors import TIError
 from lib_ti.hostinfo import HostInfo
 from lib_ti.io import library
@@ -46,6 +46,14 @@ STATS_HEADERS = ["encoder", "vector", "norm", "min", "max", "mean", "std"]
 COMPARE_HEADERS = ["encoder", "vector", "cosine", "mean |A-B|"]
 
 
+def vector_count_text(emb: Embedding) -> str:
+    """``2 vector(s) per token``, or the count of each encoder where they differ (SD3/Flux T5)."""
+    counts = emb.vector_counts
+    if len(set(counts.values())) == 1:
+        return f"{emb.num_vectors} vector(s) per token"
+    return "vectors per token: " + ", ".join(f"{k} {n}" for k, n in counts.items())
+
+
 def summary_markdown(emb: Embedding, relpath: str, status: dict[str, str]) -> str:
     host = status.get(emb.name)
     host_line = {
@@ -55,10 +63,14 @@ def summary_markdown(emb: Embedding, relpath: str, status: dict[str, str]) -> st
     lines = [
         f"### {emb.name}",
         f"- file: `{relpath}` ({emb.source})",
-        f"- kind: **{KIND_LABELS[emb.kind]}**, {emb.num_vectors} vector(s) per token",
+        f"- kind: **{KIND_LABELS[emb.kind]}**, {vector_count_text(emb)}",
         f"- step: {emb.step if emb.step is not None else 'unknown'}",
         f"- status: {host_line}",
     ]
+    if emb.kind not in HOST_KINDS:
+        lines.append(
+            "- the web UIs do not use this kind in prompts: convert it (SD1, or SDXL from SD3) below"
+        )
     if emb.sd_checkpoint or emb.sd_checkpoint_name:
         lines.append(f"- trained on: {emb.sd_checkpoint_name or '?'} [{emb.sd_checkpoint or '?'}]")
     return "\n".join(lines)
