@@ -228,11 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--g-from", metavar="FILE", help="CLIP-G vectors from this file (SDXL, refiner or diffusers _2)"
     )
     s.add_argument("--g-zeros", action="store_true", help="fill the CLIP-G half with zeros (explicitly)")
-    s.add_argument("--to-sd1", action="store_true", help="take the CLIP-L half of an SDXL embedding")
+    s.add_argument("--to-sd1", action="store_true", help="take the CLIP-L part of an SDXL, SD3 or Flux embedding")
     s.add_argument(
         "--to",
-        choices=CONVERT_TO,
-        help="sd1: the CLIP-L part of SDXL, SD3 or Flux; sdxl: SD3 without its T5 vectors; "
+        choices=[t for t in CONVERT_TO if t != "sd1"],  # SD1 is --to-sd1: one flag per thing
+        help="sdxl: SD3 without its T5 vectors; "
         f"onetrainer / comfyui: an SD3/Flux file with the T5 key {' / '.join(T5_FILE_KEYS.values())}",
     )
     s.add_argument("--overwrite", action="store_true", help="replace an existing output file")

@@ -271,7 +271,7 @@ def test_convert_sd3_to_sdxl_sd1_and_conventions(tmp_path):
     assert main(["convert", str(s3), str(tmp_path / "x.safetensors"), "--to", "sdxl"]) == 0
     x = read_embedding(tmp_path / "x.safetensors")
     assert x.kind == "sdxl" and torch.equal(x.vectors["clip_g"], read_embedding(s3).vectors["clip_g"])
-    assert main(["convert", str(s3), str(tmp_path / "one.pt"), "--to", "sd1"]) == 0
+    assert main(["convert", str(s3), str(tmp_path / "one.pt"), "--to-sd1"]) == 0
     assert read_embedding(tmp_path / "one.pt").kind == "sd1"
     assert main(["convert", str(s3), str(tmp_path / "c.safetensors"), "--to", "comfyui"]) == 0
     with safe_open(str(tmp_path / "c.safetensors"), "pt") as f:
@@ -307,3 +307,9 @@ def test_convert_sd3_refusals_exit_2(tmp_path):
     r = run("convert", sd1(tmp_path), tmp_path / "c.safetensors", "--to", "comfyui")
     assert r.returncode == 2 and "differ only for SD3 and Flux" in r.stderr
     assert not any((tmp_path / n).exists() for n in ("a.pt", "b.safetensors", "c.safetensors"))
+
+
+def test_sd1_has_one_flag(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["convert", "a.safetensors", str(tmp_path / "b.safetensors"), "--to", "sd1"])
+    assert "invalid choice: 'sd1'" in capsys.readouterr().err
