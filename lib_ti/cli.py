@@ -228,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--g-from", metavar="FILE", help="CLIP-G vectors from this file (SDXL, refiner or diffusers _2)"
     )
     s.add_argument("--g-zeros", action="store_true", help="fill the CLIP-G half with zeros (explicitly)")
-    s.add_argument("--to-sd1", action="store_true", help="take the CLIP-L part of an SDXL, SD3 or Flux embedding")
+    s.add_argument(
+        "--to-sd1", action="store_true", help="take the CLIP-L part of an SDXL, SD3 or Flux embedding"
+    )
     s.add_argument(
         "--to",
         choices=[t for t in CONVERT_TO if t != "sd1"],  # SD1 is --to-sd1: one flag per thing

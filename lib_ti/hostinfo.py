@@ -32,6 +32,8 @@ class Generation:
     sampler: str = ""
     #: embeddings the host knows by these names for this image only (a run's snapshots)
     embeddings: dict[str, Embedding] = field(default_factory=dict)
+    #: the files those came from (their hashes go into the infotext where the host records them)
+    files: dict[str, str] = field(default_factory=dict)
 
 
 def _no_status() -> dict[str, str]:

@@ -42,6 +42,8 @@ class Row:
     seed: int
     #: registered with the host for this row's images only (a snapshot); else the host's own database
     temporary: bool
+    #: the file it was read from
+    file: str = ""
 
 
 def same_checkpoint(a: str, b: str) -> bool:
@@ -113,9 +115,10 @@ class GridService:
 
     def rows(self, req: GridRequest) -> list[Row]:
         """Embeddings from the folder (the host's database has them), then the run's snapshots."""
-        entries: list[tuple[str, Embedding, bool]] = []
+        entries: list[tuple[str, Embedding, bool, Path]] = []
         for name in req.embeddings:
-            entries.append((name, read_embedding(self.find_file(name), name), False))
+            path = self.find_file(name)
+            entries.append((name, read_embedding(path, name), False, path))
         if req.run:
             found = snapshots(self.host.log_dir(), req.run)
             if not found:
@@ -128,9 +131,9 @@ class GridService:
                 raise TIError(msg)
             for step in steps:
                 name = f"{req.run}-{step}"
-                entries.append((name, read_embedding(found[step], name), True))
+                entries.append((name, read_embedding(found[step], name), True, found[step]))
         rows = []
-        for name, emb, temporary in entries:
+        for name, emb, temporary, path in entries:
             for i, prompt in enumerate(req.prompts):
                 for seed in req.seeds:
                     parts = [name]
@@ -139,7 +142,15 @@ class GridService:
                     if len(req.seeds) > 1:
                         parts.append(f"seed {seed}")
                     rows.append(
-                        Row(" · ".join(parts), name, emb, prompt.replace(PLACEHOLDER, name), seed, temporary)
+                        Row(
+                            " · ".join(parts),
+                            name,
+                            emb,
+                            prompt.replace(PLACEHOLDER, name),
+                            seed,
+                            temporary,
+                            str(path),
+                        )
                     )
         return rows
 
@@ -243,6 +254,7 @@ class GridService:
                         prompt=row.prompt, negative_prompt=req.negative_prompt, seed=row.seed, cfg_scale=cfg,
                         steps=req.steps, width=req.width or size, height=req.height or size, sampler=req.sampler,
                         embeddings={row.name: row.embedding} if row.temporary else {},
+                        files={row.name: row.file} if row.temporary else {},
                     )  # fmt: skip
                     try:
                         cell.image, cell.infotext = generate(what)

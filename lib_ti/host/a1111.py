@@ -107,21 +107,28 @@ def preview(emb: Embedding, prompt: str, step: int, out_dir: Path) -> str | None
     return webui.save_preview(emb, image, step, out_dir) if image is not None else None
 
 
-def _live(emb: Embedding, name: str) -> Any:
-    """The host's Embedding object for one held in memory (a training preview, a prompt's expression)."""
+def _live(emb: Embedding, name: str, filename: str | None = None) -> Any:
+    """The host's Embedding object for one held in memory (a training preview, a prompt's expression);
+    ``filename``: the file it came from, whose hash the host then writes into the infotext."""
     from modules.textual_inversion import textual_inversion as ti
 
-    return ti.create_embedding_from_data(a1111_data(emb, with_metadata=False), name, filename=name)
+    data = a1111_data(emb, with_metadata=False)
+    if filename:  # the host hashes the file (the infotext's TI hashes name it)
+        return ti.create_embedding_from_data(data, name, filename=filename, filepath=filename)
+    return ti.create_embedding_from_data(data, name, filename=name)
 
 
 @contextlib.contextmanager
-def temporary_embeddings(embeddings: Mapping[str, Embedding]) -> Iterator[None]:
-    """Embeddings known to the database by name inside the ``with`` only (prompt expressions)."""
+def temporary_embeddings(
+    embeddings: Mapping[str, Embedding], files: Mapping[str, str] | None = None
+) -> Iterator[None]:
+    """Embeddings known to the database by name inside the ``with`` only (prompt expressions, a grid's
+    snapshots; ``files``: name -> the file each came from, for the infotext's ``TI hashes``)."""
     db, model = database(), loaded_model()
     added: list[str] = []
     try:
         for name, emb in embeddings.items():
-            db.register_embedding_by_name(_live(emb, name), model, name)
+            db.register_embedding_by_name(_live(emb, name, (files or {}).get(name)), model, name)
             added.append(name)
         yield
     finally:
@@ -131,7 +138,7 @@ def temporary_embeddings(embeddings: Mapping[str, Embedding]) -> Iterator[None]:
 
 def generate(what: Generation) -> tuple[Any, str]:
     """A grid cell through the host's txt2img, with the cell's own embeddings known by name meanwhile."""
-    with temporary_embeddings(what.embeddings):
+    with temporary_embeddings(what.embeddings, what.files):
         return webui.generate(what)
 
 

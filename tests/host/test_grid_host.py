@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import urllib.error
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,32 @@ def test_bad_grid_requests_are_4xx(host, rows):
         with pytest.raises(urllib.error.HTTPError) as e:
             h.post("/ti/v1/grid", body)
         assert e.value.code in (400, 422) and text in e.value.read().decode()
+
+
+def test_a_training_runs_snapshots_are_rows(host, dataset):
+    """Snapshots live in the log folder, not the host's database: the grid registers each for its own
+    images, and the infotext names the snapshot."""
+    h, which = host
+    name = f"gridrun{time.time_ns() % 10**5}"
+    h.post("/ti/v1/create", {"name": name, "vectors": 1, "init_text": "a red ball"})
+    try:
+        job = h.post("/ti/v1/train", {"embedding": name, "dataset_dir": str(dataset), "steps": 6, "batch_size": 1,
+                                      "grad_accum": 1, "resolution": 64, "warmup_steps": 0, "preview_every": 0,
+                                      "snapshot_every": 2, "validation_every": 0})["job"]  # fmt: skip
+    except urllib.error.HTTPError as e:
+        pytest.skip(f"{which} does not train here: {e.read().decode()[:200]}")
+    st = wait_job(h, job, timeout=900)
+    assert st["state"] == "done" and len(st["snapshots"]) == 2, st
+    job = h.post("/ti/v1/grid", {"run": name, "steps": 2, "width": SIZE, "height": SIZE,
+                                 "prompts": ["a photo of [name] in a field"]})["job"]  # fmt: skip
+    st = wait_job(h, job, timeout=600)
+    assert st["state"] == "done" and st["report"]["images"] == 2, st
+    meta = read_metadata(st["file"])
+    assert meta["rows"] == [f"{name}-2", f"{name}-4"]
+    for cell, snap in zip(meta["cells"], meta["rows"]):
+        assert f"a photo of {snap} in a field" in cell["infotext"]
+        assert MARKER[which] in cell["infotext"] and snap in cell["infotext"].split("\n")[-1], cell[
+            "infotext"
+        ]
+    # the snapshots were known for their images only
+    assert f"{name}-2" not in h.get("/ti/v1/embeddings")["loaded"]
