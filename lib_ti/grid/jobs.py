@@ -17,7 +17,7 @@ from typing import Any
 from lib_ti.embedding import KIND_LABELS, Embedding
 from lib_ti.errors import TIError, short_repr
 from lib_ti.grid import layout
-from lib_ti.grid.options import MAX_CELLS, PLACEHOLDER, GridRequest, cell_count, defaults, grid_request
+from lib_ti.grid.options import MAX_CELLS, PLACEHOLDER, GridRequest, defaults, grid_request
 from lib_ti.hostinfo import Generation, HostServices
 from lib_ti.io.formats import read_embedding
 from lib_ti.names import checkpoint_label, without_hash
@@ -107,7 +107,7 @@ class GridService:
             titles.append(found[0])
         req = replace(req, checkpoints=tuple(titles))
         rows = self.rows(req)
-        total = cell_count(req, 1) * len(rows) // max(1, len(req.prompts) * len(req.seeds))
+        total = len(rows) * len(req.columns)  # rows hold every prompt and seed already
         if total > MAX_CELLS:
             msg = f"the grid would have {total} images; at most {MAX_CELLS} (fewer rows, columns, prompts or seeds)"
             raise TIError(msg)

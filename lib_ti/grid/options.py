@@ -145,11 +145,6 @@ def check(req: GridRequest) -> None:
         raise TIError(msg)
 
 
-def cell_count(req: GridRequest, rows: int) -> int:
-    """Images in a grid of ``rows`` embeddings (before prompts and seeds)."""
-    return rows * len(req.prompts) * len(req.seeds) * len(req.columns)
-
-
 def defaults() -> dict[str, Any]:
     """Every field's default, as JSON-friendly values."""
     return {
