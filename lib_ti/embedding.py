@@ -198,8 +198,8 @@ def non_host_kind_message(emb: Embedding, what: str) -> str:
     """Why ``what`` (e.g. "training") refuses an SD3/Flux embedding, and how to convert it."""
     return (
         f"{emb.name} is an embedding for {KIND_LABELS[emb.kind]}; {what} works on SD1, SD2 and SDXL "
-        "embeddings (the web UI's models). Convert it first: python -m lib_ti convert FILE OUT "
-        f"--to {'sdxl' if emb.kind == 'sd3' else 'sd1'}"
+        "embeddings (the web UI's models). Convert it first (Inspect's Convert, or "
+        f"python -m lib_ti convert FILE OUT {'--to sdxl' if emb.kind == 'sd3' else '--to-sd1'})"
     )
 
 

@@ -138,6 +138,8 @@ class HostServices:
     #: the host's checkpoints (titles), the loaded one's title, and a load of one (under the GPU lock)
     checkpoints: Callable[[], list[str]] = list
     checkpoint: Callable[[], str] = lambda: ""
+    #: the checkpoint the web UI's dropdown shows (Forge loads it on first use; "": the loaded one)
+    selected_checkpoint: Callable[[], str] = lambda: ""
     load_checkpoint: Callable[[str], None] | None = None
     #: one image through the host's own txt2img: (what) -> (image, infotext); None where there is none
     generate: Callable[[Generation], tuple[Any, str]] | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -25,7 +26,7 @@ from lib_ti.grid.jobs import GridService
 from lib_ti.hostinfo import HostServices
 from lib_ti.inline.plan import InlineEvaluator
 from lib_ti.io.atomic import atomic_write_bytes, remove_temporaries
-from lib_ti.io.bundles import extract_bundled, has_bundled, list_bundled
+from lib_ti.io.bundles import has_bundled, list_bundled, read_bundled
 from lib_ti.io.formats import (
     SAVE_SUFFIX,
     TENSOR_SUFFIXES,
@@ -43,7 +44,7 @@ from lib_ti.training.captions import builtin_templates, fill_template, load_temp
 from lib_ti.training.dataset import DataArgs
 from lib_ti.training.errors import TrainingError
 from lib_ti.training.images import check_folder, scan_images
-from lib_ti.training.jobs import Job, JobManager
+from lib_ti.training.jobs import BusyError, Job, JobManager
 from lib_ti.training.loading import load_dataset
 from lib_ti.training.options import TrainRequest, check
 from lib_ti.training.recipes import resolve
@@ -103,6 +104,8 @@ class Service:
         self.jobs = JobManager()
         #: file -> its embedding (None: unreadable), so unchanged files are read once
         self._read_cache: dict[FileKey, Embedding | None] = {}
+        #: whether each LoRA file (path, mtime, size) holds bundled embeddings
+        self._bundle_cache: dict[FileKey, bool] = {}
         #: (model hash, encoder keys, files) -> the merge context over them
         self._merge_cache: tuple[tuple[Any, ...], MergeContext] | None = None
         self._nearest_cache: tuple[tuple[Any, ...], dict[str, NearestTokens]] | None = None
@@ -173,11 +176,7 @@ class Service:
         with self._write_lock:
             if job is None:
                 self._refuse_if_training(emb.name)
-            existing = [
-                p
-                for p in sorted(path.parent.glob(f"{glob.escape(emb.name)}.*"))
-                if p.suffix in SAVE_SUFFIX.values() and p.stem == emb.name
-            ]
+            existing = self._existing(emb.name)
             if existing and not overwrite:
                 msg = f"an embedding named {emb.name!r} already exists ({existing[0].name}); allow overwriting or pick another name"
                 raise EmbeddingExists(msg)
@@ -191,6 +190,19 @@ class Service:
                 self._forget_runs(emb.name)
             self.host.reload_embeddings()
         return out
+
+    def _existing(self, name: str) -> list[Path]:
+        """The files in the embeddings folder the host would load as ``name`` (any suffix we write)."""
+        folder = path_in_folder(self.folder(), name, ".safetensors").parent
+        return [p for p in sorted(folder.glob(f"{glob.escape(name)}.*"))
+                if p.suffix in SAVE_SUFFIX.values() and p.stem == name]  # fmt: skip
+
+    def _refuse_if_grid(self) -> None:
+        """Reading the loaded model while a grid switches checkpoints would read whichever is loaded."""
+        job = self.jobs.current
+        if job is not None and job.status.running and job.status.kind == "grid":
+            msg = f"busy: a comparison grid is switching checkpoints (job {job.id}); try again when it has finished"
+            raise BusyError(job.id, msg)
 
     def _forget_runs(self, name: str) -> None:
         """Remove the resume file of ``name``'s runs (its embedding was replaced, or a new run starts)."""
@@ -251,6 +263,7 @@ class Service:
 
     def preview_merge(self, expression: str, name: str = "preview") -> Embedding:
         """What :meth:`merge` would write, without writing it."""
+        self._refuse_if_grid()
         return merge_to_embedding(expression, self.merge_context(self.host.build_parts()), name)
 
     def evaluate(self, expression: str, nearest: int = 3) -> dict[str, Any]:
@@ -289,6 +302,7 @@ class Service:
         self, args: CreateArgs, *, overwrite: bool = False, fmt: str | None = None
     ) -> tuple[Path, list[str]]:
         # Reads token tables only: no GPU lock, so it works while a training run holds it.
+        self._refuse_if_grid()
         parts = self.host.build_parts()
         result = create_embedding(args, self.vocabularies(parts))
         path = self.write(result.embedding, overwrite=overwrite, fmt=fmt)
@@ -296,6 +310,7 @@ class Service:
 
     def token_tables(self) -> dict[str, Any]:
         """The loaded model's token-embedding tables by encoder (``clip_l``, ``clip_g``, ``clip_h``)."""
+        self._refuse_if_grid()
         parts = self.host.build_parts()
         return {e.key: e.table_weight for e in parts.prompt_encoder.encoders}
 
@@ -305,6 +320,7 @@ class Service:
         trained one (the comparison grid is the way to see it on each checkpoint)."""
         emb = read_embedding(self.find_embedding_file(name), name)
         recipe_of(emb)  # refuse before the model is touched
+        self._refuse_if_grid()
         parts = self.host.build_parts()
         title = self.host.checkpoint() or parts.model_hash or ""
         new_name = remake_name(name, title)
@@ -322,25 +338,43 @@ class Service:
 
     # ------------------------------------------------------------------ embeddings bundled in LoRA files
     def lora_file(self, file: str) -> Path:
-        """A LoRA file: a path, or one relative to the web UI's LoRA folder."""
-        p = Path(file).expanduser()
-        if not p.is_absolute():
-            p = Path(self.host.lora_dir() or ".") / p
+        """A LoRA file in the web UI's LoRA folder, given relative to it (or as a path inside it); a path
+        that leaves the folder is refused (the CLI reads any file)."""
+        root = Path(os.path.normpath(Path(self.host.lora_dir() or ".").absolute()))
+        given = Path(file).expanduser()
+        # normpath, not resolve: ".." is refused, a linked folder inside is followed (as the web UIs do)
+        p = Path(os.path.normpath(given if given.is_absolute() else root / given))
+        if not p.is_relative_to(root):
+            msg = f"{short_repr(file)} is not in the web UI's LoRA folder ({root})"
+            raise TIError(msg)
         return p
 
     def lora_files(self) -> list[str]:
-        """The LoRA files (relative to the web UI's LoRA folder) that hold embeddings; only headers are read."""
+        """The LoRA files (relative to the web UI's LoRA folder, linked folders followed as the web UIs
+        do) that hold embeddings; only headers are read, and each file once while it is unchanged."""
         root = Path(self.host.lora_dir() or "")
         if not root.is_dir():
             return []
-        found = []
-        for p in sorted(root.rglob("*.safetensors"), key=lambda q: str(q).lower()):
-            try:
-                if p.is_file() and has_bundled(p):
+        found, seen = [], {}
+        for dirpath, _dirs, files in os.walk(root, followlinks=True):
+            for fn in files:
+                if not fn.lower().endswith(".safetensors"):
+                    continue
+                p = Path(dirpath) / fn
+                try:
+                    st = p.stat()
+                    key = (str(p), st.st_mtime_ns, st.st_size)
+                    holds = self._bundle_cache.get(key)
+                    if holds is None:
+                        holds = has_bundled(p)
+                except (TIError, OSError) as e:  # a broken LoRA file is not ours to report here
+                    logger.debug("%s: %s", p, e)
+                    continue
+                seen[key] = holds
+                if holds:
                     found.append(p.relative_to(root).as_posix())
-            except TIError as e:  # a broken LoRA file is not ours to report here
-                logger.debug("%s: %s", p, e)
-        return found
+        self._bundle_cache = seen
+        return sorted(found, key=str.lower)
 
     def bundles(self, file: str) -> dict[str, Any]:
         """The embeddings bundled in a LoRA file, from its header."""
@@ -357,14 +391,26 @@ class Service:
         overwrite: bool = False,
         fmt: str | None = None,
     ) -> list[Path]:
-        """Write bundled embeddings into the embeddings folder as standalone files; reload the host."""
-        for name in [*(rename or {}).values(), *(names or [])]:
-            self._refuse_if_training(name)
-        with self._write_lock:
-            paths = extract_bundled(self.lora_file(file), self.folder(), names, overwrite=overwrite,
-                                    fmt=fmt or self.host.save_format(), rename=rename)  # fmt: skip
-        self.host.reload_embeddings()
-        return paths
+        """Write bundled embeddings into the embeddings folder as standalone files, with the checks and
+        the card sidecar of every other write; every one is read and checked before any is written."""
+        path = self.lora_file(file)
+        rename = dict(rename or {})
+        chosen = list(dict.fromkeys(names)) if names else [b.name for b in list_bundled(path)]
+        stray = sorted(set(rename) - set(chosen))
+        if stray:
+            msg = f"cannot rename {stray[0]!r}: it is not among the embeddings to extract"
+            raise TIError(msg)
+        embs = [read_bundled(path, n, rename.get(n)) for n in chosen]
+        targets = [e.name for e in embs]
+        if len(set(targets)) != len(targets):
+            msg = f"two embeddings would both be called {next(t for t in targets if targets.count(t) > 1)!r}"
+            raise TIError(msg)
+        for emb in embs:
+            self._refuse_if_training(emb.name)
+            if not overwrite and self._existing(emb.name):
+                msg = f"an embedding named {emb.name!r} already exists ({self._existing(emb.name)[0].name}); allow overwriting or pick another name"
+                raise EmbeddingExists(msg)
+        return [self.write(emb, overwrite=overwrite, fmt=fmt) for emb in embs]
 
     def forget_model(self) -> None:
         """Drop everything that holds the loaded model's encoders (nearest-token tables, the merge
@@ -401,6 +447,7 @@ class Service:
         return ctx
 
     def merge(self, expression: str, name: str, *, overwrite: bool = False, fmt: str | None = None) -> Path:
+        self._refuse_if_grid()
         parts = self.host.build_parts()
         emb = merge_to_embedding(expression, self.merge_context(parts), name)
         return self.write(emb, overwrite=overwrite, fmt=fmt)

@@ -182,7 +182,7 @@ def test_refuse_non_host_kind_message():
     refuse_non_host_kind(Embedding("ok", {"clip_l": vec(1, 768)}), "training")
     with pytest.raises(EmbeddingFormatError, match=r"training works on SD1, SD2 and SDXL .* --to sdxl"):
         refuse_non_host_kind(sd3(), "training")
-    with pytest.raises(EmbeddingFormatError, match=r"Flux .* --to sd1"):
+    with pytest.raises(EmbeddingFormatError, match=r"Flux .* --to-sd1"):
         refuse_non_host_kind(flux(), "training")
 
 
@@ -223,3 +223,21 @@ def test_merge_refuses_sd3_and_flux_by_name(tokenizer, tables):
         evaluate("'myflux'", sd1)
     # a Flux embedding has no CLIP-G: on SDXL its name is plain words, as for an SD1 embedding
     assert evaluate("'myflux'", sdxl)["clip_g"].shape[0] == len(tokenizer.encode("myflux"))
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_the_suggested_conversion_command_runs(tmp_path, kind):
+    from lib_ti.cli import main
+    from lib_ti.embedding import Embedding, non_host_kind_message
+    from lib_ti.io.formats import read_embedding, write_embedding
+
+    parts = {"clip_l": torch.randn(2, 768), "t5": torch.randn(3, 4096)}
+    if kind == "sd3":
+        parts["clip_g"] = torch.randn(2, 1280)
+    emb = Embedding("x", parts)
+    src = tmp_path / "x.safetensors"
+    write_embedding(emb, src)
+    command = non_host_kind_message(emb, "training").split("python -m lib_ti ")[1].rstrip(")")
+    args = command.replace("FILE", str(src)).replace("OUT", str(tmp_path / "out.safetensors")).split()
+    assert main(args) == 0
+    assert read_embedding(tmp_path / "out.safetensors").kind == ("sdxl" if kind == "sd3" else "sd1")

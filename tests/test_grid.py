@@ -34,6 +34,8 @@ class FakeHost:
 
     def __init__(self) -> None:
         self.loaded = "tiny-sd1.safetensors [aaaa1111]"
+        #: what the dropdown shows (the user may change it while the grid runs)
+        self.selected = self.loaded
         self.loads: list[str] = []
         self.made: list[Generation] = []
         self.loaded_at_generation: list[str] = []
@@ -71,6 +73,7 @@ def env(tmp_path):
         reload_embeddings=lambda: None,
         checkpoints=lambda: list(CKPTS),
         checkpoint=lambda: fake.loaded,
+        selected_checkpoint=lambda: fake.selected,
         load_checkpoint=fake.load,
         generate=fake.generate,
         interrupted=fake.interrupted,
@@ -196,20 +199,24 @@ def test_a_checkpoint_that_does_not_load_spoils_its_column_only(env):
 
 def test_interrupt_mid_grid_keeps_the_cells_made_and_puts_the_checkpoint_back(env):
     service, fake, _, _ = env
-    fake.interrupt_after = 2
+    fake.interrupt_after = 2  # Interrupt pressed while the second image is made
     st = run(
         service,
         embeddings=["cat", "dog"],
         checkpoints=["other/tiny-two.ckpt [bbbb2222]", "tiny-sd1.safetensors [aaaa1111]"],
     )
     assert st.state == "stopped"
-    assert len(fake.made) == 2 and st.report["images"] == 2
+    # the host hands back the half-denoised second image: not shown as a result
+    assert len(fake.made) == 2 and st.report["images"] == 1
+    meta = layout.read_metadata(st.file)
+    assert [c["note"] for c in meta["cells"]] == ["", "interrupted"]
     assert fake.loaded == "tiny-sd1.safetensors [aaaa1111]"
     assert fake.loads[-1] == "tiny-sd1.safetensors [aaaa1111]"
     with Image.open(st.file) as im:  # the grid is written whole, the cells not made grey
         rgb = im.convert("RGB")
         label_w, top = im.width - 2 * SIZE, im.height - 2 * SIZE
-        assert rgb.getpixel((label_w + 5, top + SIZE + 5)) != layout.EMPTY
+        assert rgb.getpixel((label_w + 5, top + 5)) != layout.EMPTY
+        assert rgb.getpixel((label_w + 5, top + SIZE + 5)) == layout.EMPTY
         assert rgb.getpixel((label_w + SIZE + 5, top + SIZE + 5)) == layout.EMPTY
 
 
@@ -356,3 +363,71 @@ def test_a_checkpoint_named_before_the_host_hashed_it_is_still_found(env):
     assert st.state == "finished" and fake.loads[0] == "other/tiny-two.ckpt [bbbb2222]"
     # a loaded title that gained its hash meanwhile is the same checkpoint: no reload at the end
     assert fake.loads == ["other/tiny-two.ckpt [bbbb2222]", "tiny-sd1.safetensors [aaaa1111]"]
+
+
+def test_a_checkpoint_picked_in_the_dropdown_during_the_grid_is_the_one_loaded_after(env):
+    service, fake, _, _ = env
+    original = fake.generate
+
+    def generate(what):
+        if len(fake.made) == 0:
+            fake.selected = "tiny-sdxl.safetensors [cccc3333]"  # the user picks another meanwhile
+        return original(what)
+
+    service.host.generate = generate
+    st = run(
+        service,
+        embeddings=["cat"],
+        checkpoints=["other/tiny-two.ckpt [bbbb2222]", "tiny-sd1.safetensors [aaaa1111]"],
+    )
+    assert st.state == "finished"
+    assert fake.loads[-1] == "tiny-sdxl.safetensors [cccc3333]" and fake.loaded == fake.selected
+
+
+def test_reading_the_model_is_refused_while_a_grid_switches_checkpoints(env):
+    from lib_ti.create import CreateArgs
+
+    service, fake, emb_dir, _ = env
+    recipe = {"init_mode": "text", "init_text": "a cat"}
+    write_embedding(
+        Embedding("kit", {"clip_l": torch.zeros(1, 768)}, step=0, metadata=recipe),
+        emb_dir / "kit.safetensors",
+    )
+    gate, entered = threading.Event(), threading.Event()
+    original = fake.generate
+
+    def generate(what):
+        entered.set()
+        gate.wait(10)
+        return original(what)
+
+    service.host.generate = generate
+    job = service.grid.start({"embeddings": ["cat"]})
+    try:
+        assert entered.wait(10)
+        for call in (lambda: service.create(CreateArgs("new", 1, "text", "cat")),
+                     lambda: service.merge("'cat'", "m"), lambda: service.remake("kit"),
+                     service.token_tables):  # fmt: skip
+            with pytest.raises(BusyError, match="comparison grid"):
+                call()
+    finally:
+        gate.set()
+        job.thread.join(10)
+
+
+def test_an_embedding_the_host_did_not_load_is_a_note(env):
+    service, fake, _, _ = env
+    service.host.embedding_status = lambda: {"dog": "loaded"}
+    st = run(service, embeddings=["cat", "dog"])
+    notes = [c["note"] for c in layout.read_metadata(st.file)["cells"]]
+    assert notes[0].startswith("the web UI has not loaded this embedding") and notes[1] == ""
+    assert len(fake.made) == 1
+
+
+@pytest.mark.versioned
+@pytest.mark.parametrize("body", [{"embeddings": ["cat"], "steps": 20.7}, {"embeddings": ["cat"], "steps": True},
+                                  {"embeddings": ["cat"], "negative_prompt": 5}])  # fmt: skip
+def test_rest_grid_scalars_are_strict_on_both_pydantic_versions(env, client, body):
+    r = client.post("/ti/v1/grid", json=body)
+    assert r.status_code == 422, r.text
+    assert env[1].made == []

@@ -93,3 +93,38 @@ def test_rest_bundles(env):
     assert client.post("/ti/v1/bundles", json={"file": "x", "colour": 1}).status_code == 422
     assert client.post("/ti/v1/bundles", json={"file": "missing.safetensors"}).status_code in (400, 404)
     assert sorted(p.name for p in emb_dir.iterdir() if p.suffix == ".safetensors") == ["mychar.safetensors"]
+
+
+def test_extract_follows_the_rules_of_every_write(env):
+    service, emb_dir, _, _ = env
+    (emb_dir / "mychar.pt").write_bytes(b"an older file of that name")
+    with pytest.raises(Exception, match="already exists \\(mychar.pt\\)"):
+        service.extract("chars/char.safetensors")
+    assert sorted(p.name for p in emb_dir.iterdir()) == ["mychar.pt"]  # nothing of the two written
+    service.extract("chars/char.safetensors", ["myoutfit"])
+    assert (emb_dir / "myoutfit.json").exists()  # the card's sidecar, as Create and Merge write it
+
+
+@pytest.mark.parametrize("given", ["../outside.safetensors", "/etc/passwd", "chars/../../x.safetensors"])
+def test_a_lora_path_outside_the_lora_folder_is_refused(env, given):
+    service, *_ = env
+    with pytest.raises(Exception, match="not in the web UI's LoRA folder"):
+        service.bundles(given)
+
+
+@pytest.mark.versioned
+def test_rest_extract_names_must_be_text(env):
+    pytest.importorskip("fastapi")
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from lib_ti.ui.api import add_routes
+
+    service, emb_dir, _, _ = env
+    app = FastAPI()
+    add_routes(app, service)
+    client = TestClient(app)
+    for body in ({"file": "chars/char.safetensors", "names": [1]},
+                 {"file": "chars/char.safetensors", "rename": {"mychar": 2}}):  # fmt: skip
+        assert client.post("/ti/v1/bundles", json=body).status_code == 422
+    assert list(emb_dir.iterdir()) == []

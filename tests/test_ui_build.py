@@ -537,7 +537,7 @@ def test_inspect_shows_sd3_counts_and_converts_it_for_the_web_ui(host, folder):
                "clip_l_out": torch.randn(2, 768)}, str(folder / "ot-sd3.safetensors"))  # fmt: skip
     h = InspectHandlers(host)
     md = h.describe("ot-sd3.safetensors")[0]
-    assert "SD3" in md and "clip_l 2, clip_g 2, t5 5" in md and "do not use this kind" in md, md
+    assert "SD3" in md and "clip_l 2, clip_g 2, t5 5" in md and "as an SDXL embedding" in md, md
     label = next(k for k, v in CONVERT_TARGETS.items() if v == "sdxl")
     _, _, note = h.save_as("ot-sd3.safetensors", None, "from-sd3", "safetensors", label, False)
     assert "Saved" in note, note

@@ -178,8 +178,13 @@ class GridService:
         st.total = len(rows) * len(columns)
         if task_id:
             self.host.progress_queued(task_id)
+        st.message = "waiting for the GPU (a generation is running)"
         with self.host.exclusive():
-            before = self.host.checkpoint()
+            if job.stop_event.is_set():
+                st.state, st.message = "stopped", "stopped before the first image"
+                return
+            # the checkpoint the web UI's dropdown shows (Forge loads it on first use)
+            before = self.host.selected_checkpoint() or self.host.checkpoint()
             picture = layout.GridPicture(
                 rows=[r.label for r in rows],
                 columns=[self._column_label(c or before, s, req) for c, s in columns],
@@ -193,12 +198,7 @@ class GridService:
                 stopped = self._cells(job, req, rows, picture, before, started)
             finally:
                 try:
-                    if (
-                        not same_checkpoint(self.host.checkpoint(), before)
-                        and self.host.load_checkpoint is not None
-                    ):
-                        st.message = f"loading {checkpoint_label(before)} again"
-                        self.host.load_checkpoint(before)
+                    self._restore(before, st)
                 finally:
                     self.host.progress_end(task_id)
                     out = (
@@ -217,6 +217,15 @@ class GridService:
         else:
             st.message = f"{made} of {st.total} images in {Path(st.file).name}"
 
+    def _restore(self, before: str, st: Any) -> None:
+        """Load the checkpoint the dropdown shows (the one before the grid, or one the user picked while it
+        ran: the grid's loads leave the dropdown alone)."""
+        load = self.host.load_checkpoint
+        target = self.host.selected_checkpoint() or before
+        if load is not None and not same_checkpoint(self.host.checkpoint(), target):
+            st.message = f"loading {checkpoint_label(target)} again"
+            load(target)
+
     def _cells(
         self,
         job: Job,
@@ -226,6 +235,7 @@ class GridService:
         before: str,
         started: float,
     ) -> bool:
+        """Render every cell, column by column (one load per column); True when stopped."""
         st = job.status
         generate = self.host.generate
         if generate is None or self.host.load_checkpoint is None:  # checked in request()
@@ -235,7 +245,6 @@ class GridService:
             problem = ""
             if not same_checkpoint(self.host.checkpoint(), title):
                 st.message = f"loading {checkpoint_label(title)}"
-                self.host.progress_update(st.step, st.message)
                 try:
                     self.host.load_checkpoint(title)
                 except Exception as e:  # a checkpoint that cannot load spoils its column, not the grid
@@ -260,8 +269,10 @@ class GridService:
                         cell.image, cell.infotext = generate(what)
                     except TIError as e:
                         cell.note = str(e)
-                    if cell.image is None and not cell.note:
-                        cell.note = "interrupted" if self.host.interrupted() else "the web UI made no image"
+                    if self.host.interrupted():  # the host decodes a half-denoised image then
+                        cell.image, cell.note = None, "interrupted"
+                    elif cell.image is None and not cell.note:
+                        cell.note = "the web UI made no image"
                 picture.cells[(r, c)] = cell
                 st.step += 1
                 elapsed = time.perf_counter() - started
@@ -279,10 +290,14 @@ class GridService:
     @staticmethod
     def _unusable(row: Row, kind: str, status: Mapping[str, str]) -> str:
         """Why the row's embedding cannot work on the loaded model ("" when it can)."""
-        if kind and row.embedding.kind != kind:
+        # the hosts read an SD3 file's CLIP-L and CLIP-G as SDXL (T5 unused)
+        own = "sdxl" if row.embedding.kind == "sd3" else row.embedding.kind
+        if kind and own != kind:
             have = KIND_LABELS.get(row.embedding.kind, row.embedding.kind).split(" (")[0]
             want = KIND_LABELS.get(kind, kind).split(" (")[0]
             return f"{have} embedding: not usable on this {want} checkpoint"
-        if not row.temporary and status and status.get(row.name) not in (None, "loaded"):
-            return "the web UI skipped this embedding on this checkpoint"
+        if not row.temporary and status and status.get(row.name) != "loaded":
+            if status.get(row.name) == "skipped":
+                return "the web UI skipped this embedding on this checkpoint"
+            return "the web UI has not loaded this embedding (is its file readable by the web UI?)"
         return ""

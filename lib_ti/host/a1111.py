@@ -125,21 +125,22 @@ def temporary_embeddings(
     """Embeddings known to the database by name inside the ``with`` only (prompt expressions, a grid's
     snapshots; ``files``: name -> the file each came from, for the infotext's ``TI hashes``)."""
     db, model = database(), loaded_model()
-    added: list[str] = []
+    # an embedding of the same name in the folder is put back afterwards, not dropped
+    before: dict[str, Any] = {}
     try:
         for name, emb in embeddings.items():
+            before[name] = db.word_embeddings.get(name)
             db.register_embedding_by_name(_live(emb, name, (files or {}).get(name)), model, name)
-            added.append(name)
         yield
     finally:
-        for name in added:
-            db.register_embedding_by_name(None, model, name)
+        for name, previous in before.items():
+            db.register_embedding_by_name(previous, model, name)
 
 
 def generate(what: Generation) -> tuple[Any, str]:
     """A grid cell through the host's txt2img, with the cell's own embeddings known by name meanwhile."""
     with temporary_embeddings(what.embeddings, what.files):
-        return webui.generate(what)
+        return webui.generate(what, pin=webui.checkpoint())
 
 
 def model_loaded() -> bool:

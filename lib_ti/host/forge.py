@@ -9,7 +9,6 @@ use; rebuilt only when a checkpoint loads), the Extra Networks cards' one, and t
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -127,15 +126,18 @@ def register_live(emb: Embedding, name: str) -> list[Any]:
 
 @contextlib.contextmanager
 def temporary_embeddings(embeddings: Mapping[str, Embedding]) -> Iterator[None]:
-    """Embeddings known to the loaded model's engines by name inside the ``with`` only (prompt expressions)."""
-    added: list[tuple[Any, str]] = []
+    """Embeddings known to the loaded model's engines by name inside the ``with`` only (prompt
+    expressions, a grid's snapshots); an embedding of the same name from the folder is put back after."""
+    m = loaded_model()
+    before = [(eng, name, eng.embeddings.word_embeddings.get(name)) for name in embeddings
+              for eng in (engines(m) if m is not None else [])]  # fmt: skip
     try:
         for name, emb in embeddings.items():
-            added += [(eng, name) for eng in register_live(emb, name)]
+            register_live(emb, name)
         yield
     finally:
-        for eng, name in added:
-            eng.embeddings.register_embedding_by_name(None, name)
+        for eng, name, previous in before:
+            eng.embeddings.register_embedding_by_name(previous, name)
 
 
 def model_loaded() -> bool:
@@ -179,27 +181,42 @@ def _preview(emb: Embedding, prompt: str, step: int, out_dir: Path) -> str | Non
     return webui.save_preview(emb, image, step, out_dir) if image is not None else None
 
 
+#: the loading parameters of the checkpoint a grid loaded (its cells use it, whatever the dropdown says)
+_PINNED: dict[str, Any] = {}
+
+
 def load_checkpoint(title: str) -> None:
-    """Select a checkpoint as Forge's own dropdown does, then load it (the caller holds the GPU lock)."""
-    from modules import shared
+    """Load a checkpoint and leave the dropdown's choice as it is (a grid loads its columns; the user's
+    choice is loaded again after it); the caller holds the GPU lock."""
+    from modules import sd_models, shared
     from modules_forge import main_entry
 
     info = webui.checkpoint_info(title)
-    change = getattr(main_entry, "checkpoint_change", None)
-    if change is not None:
-        # Forge Neo's takes the UI preset whose checkpoint it also records: None records none
-        extra = {"preset": None} if "preset" in inspect.signature(change).parameters else {}
-        change(info.title, save=False, **extra)
-    else:  # older Forge: the option's own change callback refreshes the loading parameters
-        shared.opts.set("sd_model_checkpoint", info.title)
+    choice = shared.opts.data.get("sd_model_checkpoint")
+    shared.opts.data["sd_model_checkpoint"] = info.title
+    try:
         main_entry.refresh_model_loading_parameters()
-    ensure_model()
+        ensure_model()
+        _PINNED["params"] = sd_models.model_data.forge_loading_parameters
+    finally:
+        shared.opts.data["sd_model_checkpoint"] = choice
 
 
 def generate(what: Generation) -> tuple[Any, str]:
-    """A grid cell through Forge's txt2img, with the cell's own embeddings known meanwhile."""
-    with temporary_embeddings(what.embeddings):
-        return webui.generate(what)
+    """A grid cell through Forge's txt2img, on the checkpoint the grid loaded (a dropdown change
+    meanwhile refreshes Forge's loading parameters at once), with the cell's own embeddings."""
+    from modules import sd_models
+
+    data = sd_models.model_data
+    choice, pinned = data.forge_loading_parameters, _PINNED.get("params")
+    if pinned is not None:
+        data.forge_loading_parameters = pinned
+    try:
+        with temporary_embeddings(what.embeddings):
+            return webui.generate(what)
+    finally:
+        if pinned is not None and data.forge_loading_parameters is pinned:
+            data.forge_loading_parameters = choice
 
 
 class ForgeAdapter(webui.WebUIAdapter):

@@ -7,6 +7,7 @@ host (detection imports them all).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -180,8 +181,11 @@ def txt2img(prompt: str, size: int) -> Any:
     return res.images[0] if res.images else None
 
 
-def generate(what: Generation) -> tuple[Any, str]:
-    """One image through the host's own txt2img (a grid cell): (image or None, its infotext)."""
+def generate(what: Generation, pin: str = "") -> tuple[Any, str]:
+    """One image through the host's own txt2img (a grid cell): (image or None, its infotext).
+
+    ``pin``: the checkpoint title the image must use; a dropdown change meanwhile (the option changes at
+    once, its load waits for the GPU lock) would otherwise be loaded inside ``process_images``."""
     from modules import processing, shared
 
     p = processing.StableDiffusionProcessingTxt2Img(
@@ -191,6 +195,9 @@ def generate(what: Generation) -> tuple[Any, str]:
     )  # fmt: skip
     if what.sampler:
         p.sampler_name = what.sampler
+    if pin:
+        p.override_settings = {"sd_model_checkpoint": pin}
+        p.override_settings_restore_afterwards = True
     # embeddings registered for this image only must survive; the folder was read at the model's load
     p.do_not_reload_embeddings = True
     without_scripts(p)
@@ -210,14 +217,20 @@ def checkpoints() -> list[str]:
 
 def checkpoint() -> str:
     """The title of the checkpoint that is loaded (else the one selected)."""
-    from modules import sd_models, shared
+    from modules import sd_models
 
     info = getattr(sd_models.model_data.sd_model, "sd_checkpoint_info", None)
     title = getattr(info, "title", None)
-    if title:
-        return str(title)
-    found = sd_models.get_closet_checkpoint_match(str(shared.opts.sd_model_checkpoint or ""))
-    return str(found.title) if found is not None else str(shared.opts.sd_model_checkpoint or "")
+    return str(title) if title else selected_checkpoint()
+
+
+def selected_checkpoint() -> str:
+    """The title of the checkpoint the web UI's dropdown shows."""
+    from modules import sd_models, shared
+
+    value = str(shared.opts.sd_model_checkpoint or "")
+    found = sd_models.get_closet_checkpoint_match(value) if value else None
+    return str(found.title) if found is not None else value
 
 
 def checkpoint_info(title: str) -> Any:
@@ -231,13 +244,14 @@ def checkpoint_info(title: str) -> Any:
 
 
 def load_checkpoint(title: str) -> None:
-    """Load a checkpoint the way a generation's override does (A1111, reForge, Forge Classic); the caller
-    holds the GPU lock. The setting follows, so the UI's dropdown shows what is loaded."""
-    from modules import sd_models, shared
+    """Load a checkpoint (A1111, reForge, Forge Classic) and leave the dropdown's choice as it is (a grid
+    loads its columns; the user's choice is loaded again after it); the caller holds the GPU lock."""
+    from modules import sd_models
 
     info = checkpoint_info(title)
-    shared.opts.set("sd_model_checkpoint", info.title, is_api=True, run_callbacks=False)
-    sd_models.reload_model_weights(info=info)
+    keep_choice = getattr(sd_models, "SkipWritingToConfig", None)
+    with keep_choice() if keep_choice is not None else contextlib.nullcontext():
+        sd_models.reload_model_weights(info=info)
 
 
 def lora_dir() -> str:
@@ -283,6 +297,7 @@ def common_services() -> dict[str, Any]:
         "progress_jobs": progress_jobs,
         "checkpoints": checkpoints,
         "checkpoint": checkpoint,
+        "selected_checkpoint": selected_checkpoint,
         "lora_dir": lora_dir,
         **prepare_services(),
         "interrupted": interrupted,

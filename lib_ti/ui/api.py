@@ -26,7 +26,7 @@ from typing import Any, Literal, Optional, Union
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
-from pydantic import BaseModel, ValidationError, create_model
+from pydantic import BaseModel, StrictInt, StrictStr, ValidationError, create_model
 from starlette.concurrency import run_in_threadpool
 
 from lib_ti.create import CreateArgs, InitMode
@@ -106,9 +106,9 @@ class ExtractBody(StrictBody):
     #: a LoRA file: a path, or one relative to the web UI's LoRA folder
     file: str
     #: the bundled embeddings to extract (left out: all)
-    names: Optional[list[str]] = None  # noqa: UP045
+    names: Optional[list[StrictStr]] = None  # noqa: UP045
     #: {bundled name: new name}
-    rename: Optional[dict[str, str]] = None  # noqa: UP045
+    rename: Optional[dict[StrictStr, StrictStr]] = None  # noqa: UP045
     overwrite: bool = False
     format: Optional[SaveFormat] = None  # noqa: UP045
 
@@ -163,8 +163,9 @@ def _grid_body() -> type[BaseModel]:
     spec: dict[str, Any] = {}
     for f in fields(GridRequest):
         item = GRID_ITEMS.get(f.name)
-        items = item if item is str else Any
-        kind = Union[list[items], str] if item else GRID_TYPES[f.name]  # type: ignore[valid-type]  # noqa: UP007
+        items = StrictStr if item is str else Any
+        strict = {int: StrictInt, str: StrictStr}.get(GRID_TYPES[f.name], GRID_TYPES[f.name])
+        kind = Union[list[items], StrictStr] if item else strict  # type: ignore[valid-type]  # noqa: UP007
         spec[f.name] = (Optional[kind], None)  # noqa: UP045
     return create_model("GridBody", __base__=StrictBody, **spec)
 

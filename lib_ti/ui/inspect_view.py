@@ -67,9 +67,12 @@ def summary_markdown(emb: Embedding, relpath: str, status: dict[str, str]) -> st
         f"- step: {emb.step if emb.step is not None else 'unknown'}",
         f"- status: {host_line}",
     ]
-    if emb.kind not in HOST_KINDS:
+    if emb.kind == "sd3":
+        lines.append("- the web UIs use its CLIP-L and CLIP-G vectors as an SDXL embedding (T5 is not used)")
+    elif emb.kind not in HOST_KINDS:
         lines.append(
-            "- the web UIs do not use this kind in prompts: convert it (SD1, or SDXL from SD3) below"
+            "- the web UIs cannot load this kind (their loader reports an error for it at every reload): "
+            "keep it outside the embeddings folder, or convert it to SD1 below"
         )
     if emb.sd_checkpoint or emb.sd_checkpoint_name:
         lines.append(f"- trained on: {emb.sd_checkpoint_name or '?'} [{emb.sd_checkpoint or '?'}]")
@@ -339,8 +342,9 @@ def build(host: HostInfo) -> InspectHandlers:
         save_note = gr.Markdown(elem_id="ti_inspect_save_note")
     with gr.Accordion("Embeddings inside a LoRA file", open=False, elem_id="ti_bundles"):
         with gr.Row():
-            lora = gr.Dropdown(label="LoRA file (those in the LoRA folder that hold embeddings)",
-                               choices=h.lora_files(), elem_id="ti_bundles_file")  # fmt: skip
+            # listed on 🔄 only: reading every LoRA header at each start would slow the web UI down
+            lora = gr.Dropdown(label="LoRA file (🔄 lists those in the LoRA folder that hold embeddings)",
+                               choices=[], elem_id="ti_bundles_file")  # fmt: skip
             lora_refresh = gr.Button("🔄", elem_id="ti_bundles_refresh", elem_classes=["tool", "ti-tool"])
         bundle_note = gr.Markdown(elem_id="ti_bundles_note")
         bundle_table = gr.Dataframe(

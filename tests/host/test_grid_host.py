@@ -153,6 +153,8 @@ def test_a_training_runs_snapshots_are_rows(host, dataset):
         pytest.skip(f"{which} does not train here: {e.read().decode()[:200]}")
     st = wait_job(h, job, timeout=900)
     assert st["state"] == "done" and len(st["snapshots"]) == 2, st
+    # a kept copy in the embeddings folder with a snapshot's name stays the web UI's after the grid
+    h.post("/ti/v1/create", {"name": f"{name}-2", "vectors": 1, "init_text": "a blue cube"})
     job = h.post("/ti/v1/grid", {"run": name, "steps": 2, "width": SIZE, "height": SIZE,
                                  "prompts": ["a photo of [name] in a field"]})["job"]  # fmt: skip
     st = wait_job(h, job, timeout=600)
@@ -164,5 +166,10 @@ def test_a_training_runs_snapshots_are_rows(host, dataset):
         assert MARKER[which] in cell["infotext"] and snap in cell["infotext"].split("\n")[-1], cell[
             "infotext"
         ]
-    # the snapshots were known for their images only
-    assert f"{name}-2" not in h.get("/ti/v1/embeddings")["loaded"]
+    # the snapshots were known for their images only; the folder's own file of that name is back
+    listed = h.get("/ti/v1/embeddings")
+    assert f"{name}-4" not in listed["loaded"] and f"{name}-2" in listed["loaded"], listed["loaded"]
+    out = h.post(
+        "/sdapi/v1/txt2img", {"prompt": f"{name}-2 on a table", "steps": 1, "width": SIZE, "height": SIZE}
+    )
+    assert MARKER[which] in out["info"], out["info"]
