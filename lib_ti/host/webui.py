@@ -184,8 +184,10 @@ def txt2img(prompt: str, size: int) -> Any:
 def generate(what: Generation, pin: str = "") -> tuple[Any, str]:
     """One image through the host's own txt2img (a grid cell): (image or None, its infotext).
 
-    ``pin``: the checkpoint title the image must use; a dropdown change meanwhile (the option changes at
-    once, its load waits for the GPU lock) would otherwise be loaded inside ``process_images``."""
+    ``pin``: the checkpoint title the image must use. ``process_images`` loads the dropdown's choice,
+    which a user may change meanwhile (the option changes at once, its load waits for the GPU lock): the
+    choice is set to ``pin`` for the image and put back after, unless the user changed it meanwhile
+    (the host's own ``override_settings`` would put back a stale value over that change)."""
     from modules import processing, shared
 
     p = processing.StableDiffusionProcessingTxt2Img(
@@ -195,14 +197,18 @@ def generate(what: Generation, pin: str = "") -> tuple[Any, str]:
     )  # fmt: skip
     if what.sampler:
         p.sampler_name = what.sampler
-    if pin:
-        p.override_settings = {"sd_model_checkpoint": pin}
-        p.override_settings_restore_afterwards = True
     # embeddings registered for this image only must survive; the folder was read at the model's load
     p.do_not_reload_embeddings = True
     without_scripts(p)
     forget_cached_conditioning()
-    res = processing.process_images(p)
+    choice = shared.opts.data.get("sd_model_checkpoint")
+    if pin:
+        shared.opts.data["sd_model_checkpoint"] = pin
+    try:
+        res = processing.process_images(p)
+    finally:
+        if pin and shared.opts.data.get("sd_model_checkpoint") == pin:
+            shared.opts.data["sd_model_checkpoint"] = choice
     image = res.images[0] if res.images else None
     infotexts = getattr(res, "infotexts", None) or [getattr(res, "info", "")]
     return image, str(infotexts[0] or "")

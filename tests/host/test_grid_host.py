@@ -40,17 +40,19 @@ def two_checkpoints(host):
     models = {m["title"]: Path(m["filename"]) for m in h.get("/sdapi/v1/sd-models")}
     title = next(t for t in models if t == loaded or checkpoint_label(t) == checkpoint_label(loaded))
     src = models[title]
-    copy = src.with_name(f"{src.stem}-gridcopy{src.suffix}")
+    copies = [src.with_name(f"{src.stem}-{tag}{src.suffix}") for tag in ("gridcopy", "gridpick")]
     # the tiny checkpoints need their config beside them (A1111 reads <checkpoint>.yaml)
-    pairs = [(src, copy), (src.with_suffix(".yaml"), copy.with_suffix(".yaml"))]
+    pairs = [
+        (a, b) for c in copies for a, b in ((src, c), (src.with_suffix(".yaml"), c.with_suffix(".yaml")))
+    ]
     for a, b in pairs:
         if a.exists() and not b.exists():
             os.link(a, b)
     try:
         h.post("/sdapi/v1/refresh-checkpoints", {})
         titles = h.get("/ti/v1/grid")["checkpoints"]
-        other = next(t for t in titles if checkpoint_label(t) == copy.stem)
-        yield title, other
+        others = [next(t for t in titles if checkpoint_label(t) == c.stem) for c in copies]
+        yield title, *others
     finally:
         for _, b in pairs:
             b.unlink(missing_ok=True)
@@ -72,7 +74,7 @@ def loaded_title(h) -> str:
 
 def test_two_by_two_grid_renders_through_the_host_and_puts_the_checkpoint_back(host, two_checkpoints, rows):
     h, which = host
-    first, second = two_checkpoints
+    first, second, third = two_checkpoints
     opts = h.get("/ti/v1/grid")
     assert opts["available"] is None and checkpoint_label(opts["loaded"]) == checkpoint_label(first)
     t0 = time.time()
@@ -106,7 +108,7 @@ def test_two_by_two_grid_renders_through_the_host_and_puts_the_checkpoint_back(h
 
 def test_interrupt_mid_grid_leaves_the_host_usable(host, two_checkpoints, rows):
     h, which = host
-    first, second = two_checkpoints
+    first, second, third = two_checkpoints
     job = h.post("/ti/v1/grid", {"embeddings": rows, "checkpoints": [second, first], "steps": 8, "width": SIZE,
                                  "height": SIZE, "seeds": [1, 2, 3], "prompts": ["[name] by a lake"]})["job"]  # fmt: skip
     deadline = time.time() + 600
@@ -173,3 +175,38 @@ def test_a_training_runs_snapshots_are_rows(host, dataset):
         "/sdapi/v1/txt2img", {"prompt": f"{name}-2 on a table", "steps": 1, "width": SIZE, "height": SIZE}
     )
     assert MARKER[which] in out["info"], out["info"]
+
+
+def test_a_checkpoint_picked_during_the_grid_waits_for_it_and_is_loaded_after(host, two_checkpoints, rows):
+    """The user picks another checkpoint while the grid runs: the grid's cells keep their column's
+    checkpoint (their infotext says which), and the user's pick is what is loaded afterwards."""
+    import threading
+
+    h, which = host
+    first, second, third = two_checkpoints
+    job = h.post("/ti/v1/grid", {"embeddings": rows, "checkpoints": [second, first], "steps": 12, "width": SIZE,
+                                 "height": SIZE, "seeds": [5], "prompts": ["[name] under a tree"]})["job"]  # fmt: skip
+    deadline = time.time() + 600
+    while h.get(f"/ti/v1/jobs/{job}")["step"] < 1:
+        assert time.time() < deadline
+        time.sleep(0.3)
+    # the grid is on `second` now and loads `first` next; the user picks `third` meanwhile (a pick of the
+    # checkpoint being rendered at that moment is a no-op for the host: it keeps no record of it)
+    picked = threading.Thread(target=h.post, args=("/sdapi/v1/options", {"sd_model_checkpoint": third}))
+    picked.start()
+    time.sleep(1)
+    assert h.get(f"/ti/v1/jobs/{job}")["state"] == "running"  # picked while the grid runs
+    st = wait_job(h, job, timeout=900)
+    picked.join(600)
+    try:
+        assert st["state"] == "done", st
+        meta = read_metadata(st["file"])
+        for cell in meta["cells"]:
+            assert f"Model: {meta['columns'][cell['column']]}" in cell["infotext"], cell
+        assert checkpoint_label(loaded_title(h)) == checkpoint_label(third)
+        out = h.post(
+            "/sdapi/v1/txt2img", {"prompt": "after the pick", "steps": 1, "width": SIZE, "height": SIZE}
+        )
+        assert f"Model: {checkpoint_label(third)}" in out["info"], out["info"]
+    finally:
+        h.post("/sdapi/v1/options", {"sd_model_checkpoint": first})
