@@ -1,4 +1,4 @@
-"""The Inspect view's re-make and comparison grid in a real browser on A1111 (screenshots for the
+"""The Inspect view's re-make and comparison grid in a real browser on A1111 and Forge (screenshots for the
 README): an embedding made from text re-made for the loaded checkpoint, then a grid of it and its
 re-made copy across two checkpoints, rendered by the host and shown in the view."""
 
@@ -18,26 +18,37 @@ from .ui_flow import _fill, _shot, _tab, browser, loaded  # noqa: F401 (browser 
 pytestmark = pytest.mark.host
 
 
+#: each host's SD1 checkpoint (A1111's tiny one; the Forge family's full-shape random SD1.5)
+SD1 = {"a1111": "tiny-sd1", "forge": "rand-sd15"}
+
+
+@pytest.fixture(params=list(SD1))
+def web(request):
+    """A1111 (gradio 3.41) and Forge (gradio 4.40)."""
+    return request.getfixturevalue(request.param), SD1[request.param]
+
+
 @pytest.fixture
-def second_checkpoint(a1111):
-    """A hard link of tiny-sd1 (and its yaml) under another name: a second checkpoint without disk."""
-    models = {m["title"]: Path(m["filename"]) for m in a1111.get("/sdapi/v1/sd-models")}
-    src = next(p for t, p in models.items() if checkpoint_label(t) == "tiny-sd1")
-    copy = src.with_name("tiny-sd1-other.safetensors")
+def second_checkpoint(web):
+    """A hard link of the SD1 checkpoint (and its yaml) under another name: a second one without disk."""
+    host, sd1 = web
+    models = {m["title"]: Path(m["filename"]) for m in host.get("/sdapi/v1/sd-models")}
+    src = next(p for t, p in models.items() if checkpoint_label(t) == sd1)
+    copy = src.with_name(f"{sd1}-other.safetensors")
     pairs = [(src, copy), (src.with_suffix(".yaml"), copy.with_suffix(".yaml"))]
     for a, b in pairs:
-        if not b.exists():
+        if a.exists() and not b.exists():
             os.link(a, b)
-    a1111.post("/sdapi/v1/refresh-checkpoints", {})
-    yield "tiny-sd1-other"
+    host.post("/sdapi/v1/refresh-checkpoints", {})
+    yield copy.stem
     for _, b in pairs:
         b.unlink(missing_ok=True)
-    a1111.post("/sdapi/v1/refresh-checkpoints", {})
+    host.post("/sdapi/v1/refresh-checkpoints", {})
 
 
-def test_remake_and_grid_in_the_browser(a1111, browser, second_checkpoint):  # noqa: F811
-    host = a1111
-    loaded(host, "tiny-sd1")
+def test_remake_and_grid_in_the_browser(web, browser, second_checkpoint):  # noqa: F811
+    host, sd1 = web
+    loaded(host, sd1)
     name = f"uicat{time.time_ns() % 10**5}"
     host.post("/ti/v1/create", {"name": name, "vectors": 2, "init_text": "a ginger cat"})
     page = browser.new_page(viewport={"width": 1400, "height": 1600})
@@ -60,17 +71,17 @@ def test_remake_and_grid_in_the_browser(a1111, browser, second_checkpoint):  # n
         "document.querySelector('#ti_remake_note').innerText.includes('Re-made')", timeout=120_000
     )
     note = page.locator("#ti_remake_note").first.inner_text()
-    assert f"{name}-tiny-sd1" in note, note
+    assert f"{name}-{sd1}" in note, note
     table = page.locator("#ti_remake_table").first.inner_text()
     assert "clip_l" in table and "overall" in table, table  # same checkpoint: cosine 1, |Δ| 0
-    _shot(page, "remake.png", "#ti_remake")
+    _shot(page, "remake.png" if sd1 == "tiny-sd1" else "forge-remake.png", "#ti_remake")
 
     # a grid: the embedding and its re-made copy on two checkpoints
     page.locator("#ti_grid .label-wrap").first.click()
     page.locator("#ti_grid_refresh").click()
     time.sleep(1)
     pick = page.locator("#ti_grid_embeddings input").first
-    for row in (name, f"{name}-tiny-sd1"):
+    for row in (name, f"{name}-{sd1}"):
         pick.click()
         pick.fill(row)
         pick.press("Enter")
@@ -86,11 +97,10 @@ def test_remake_and_grid_in_the_browser(a1111, browser, second_checkpoint):  # n
     page.wait_for_selector("#ti_grid_image img", timeout=60_000)
     status = page.locator("#ti_grid_status").first.inner_text()
     assert "4 of 4 images" in status, status
-    grids = sorted((Path(host.get("/ti/v1/grid")["defaults"] and host.webui)).glob("**/grids/grid-*.png"))
-    meta = read_metadata(max(grids, key=lambda p: p.stat().st_mtime)) if grids else None
-    if meta is not None:
-        assert meta["rows"] == [name, f"{name}-tiny-sd1"]
-        assert sorted(meta["columns"]) == sorted(["tiny-sd1", second_checkpoint])
-    _shot(page, "grid.png", "#ti_grid")
+    job = page.locator("#ti_grid_job textarea, #ti_grid_job input").first.input_value()
+    meta = read_metadata(host.get(f"/ti/v1/jobs/{job}")["file"])
+    assert meta["rows"] == [name, f"{name}-{sd1}"]
+    assert sorted(meta["columns"]) == sorted([sd1, second_checkpoint])
+    _shot(page, "grid.png" if sd1 == "tiny-sd1" else "forge-grid.png", "#ti_grid")
     page.close()
-    assert checkpoint_label(host.get("/sdapi/v1/options")["sd_model_checkpoint"]) == "tiny-sd1"
+    assert checkpoint_label(host.get("/sdapi/v1/options")["sd_model_checkpoint"]) == sd1
