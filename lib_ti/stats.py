@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lib_ti.embedding import Embedding
+from lib_ti.embedding import ENCODER_WIDTHS, Embedding
 from lib_ti.errors import EmbeddingFormatError
 
 
@@ -75,19 +75,21 @@ def compare(a: Embedding, b: Embedding) -> Comparison:
     CLIP-L); with none in common the comparison is refused. With different vector counts the
     leading vectors both have are compared, and a note says so.
     """
-    shared = [k for k in ("clip_l", "clip_h", "clip_g") if k in a.vectors and k in b.vectors]
+    shared = [k for k in ENCODER_WIDTHS if k in a.vectors and k in b.vectors]
     if not shared:
         msg = f"cannot compare {a.name} ({a.kind}) with {b.name} ({b.kind}): they share no text encoder"
         raise EmbeddingFormatError(msg)
     notes = []
     if a.kind != b.kind:
         notes.append(f"kinds differ ({a.kind} vs {b.kind}); compared on {', '.join(shared)} only")
-    n = min(a.num_vectors, b.num_vectors)
-    if a.num_vectors != b.num_vectors:
-        notes.append(f"vector counts differ ({a.num_vectors} vs {b.num_vectors}); compared the first {n}")
     parts = []
     total_abs, total_count = 0.0, 0
     for enc in shared:
+        # per encoder: an SD3/Flux T5 part may hold another count than the CLIP parts
+        na, nb = a.vector_counts[enc], b.vector_counts[enc]
+        n = min(na, nb)
+        if na != nb:
+            notes.append(f"{enc}: vector counts differ ({na} vs {nb}); compared the first {n}")
         x, y = a.vectors[enc][:n].double(), b.vectors[enc][:n].double()
         cos = torch.nn.functional.cosine_similarity(x, y, dim=1, eps=1e-12)
         diff = (x - y).abs()

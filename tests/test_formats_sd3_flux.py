@@ -241,3 +241,18 @@ def test_the_suggested_conversion_command_runs(tmp_path, kind):
     args = command.replace("FILE", str(src)).replace("OUT", str(tmp_path / "out.safetensors")).split()
     assert main(args) == 0
     assert read_embedding(tmp_path / "out.safetensors").kind == ("sdxl" if kind == "sd3" else "sd1")
+
+
+def test_compare_covers_t5_with_its_own_count():
+    from lib_ti.embedding import Embedding
+    from lib_ti.stats import compare
+
+    g = torch.Generator().manual_seed(3)
+    a = Embedding("a", {"clip_l": torch.randn(2, 768, generator=g), "t5": torch.randn(4, 4096, generator=g)})
+    b = Embedding("b", {"clip_l": a.vectors["clip_l"].clone(), "t5": -a.vectors["t5"][:3].clone()})
+    result = compare(a, b)
+    by = {e.encoder: e for e in result.encoders}
+    assert set(by) == {"clip_l", "t5"}
+    assert by["clip_l"].cosine == pytest.approx([1.0, 1.0])
+    assert by["t5"].cosine == pytest.approx([-1.0, -1.0, -1.0])  # the first 3 of 4
+    assert result.notes == ["t5: vector counts differ (4 vs 3); compared the first 3"]
