@@ -14,7 +14,13 @@ from safetensors.torch import save_file
 from ..test_bundles import KOHYA_META, kohya_lora_weights, vec
 
 pytestmark = pytest.mark.host
-MARKER = {"a1111": "TI hashes", "forge": "TI: ", "neo": "TI: ", "classic": "TI hashes", "reforge": "TI hashes"}
+MARKER = {
+    "a1111": "TI hashes",
+    "forge": "TI: ",
+    "neo": "TI: ",
+    "classic": "TI hashes",
+    "reforge": "TI hashes",
+}
 
 
 @pytest.fixture(scope="module", params=list(MARKER))

@@ -23,7 +23,13 @@ from lib_ti.names import checkpoint_label
 from .test_a1111_training import wait_job
 
 pytestmark = pytest.mark.host
-MARKER = {"a1111": "TI hashes", "forge": "TI: ", "neo": "TI: ", "classic": "TI hashes", "reforge": "TI hashes"}
+MARKER = {
+    "a1111": "TI hashes",
+    "forge": "TI: ",
+    "neo": "TI: ",
+    "classic": "TI hashes",
+    "reforge": "TI hashes",
+}
 SIZE = 64
 
 
