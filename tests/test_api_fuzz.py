@@ -620,8 +620,10 @@ def test_body_routes_answer_every_body_with_2xx_or_4xx(fuzz_run, route):
     run.send(Case("listing", "GET", f"{PREFIX}/embeddings"))
     _report(run)
     _check_folders(run, fuzzer, data_before, watched)
-    # the generator reaches the work behind the checks too (a valid train body starts a job: 202)
-    assert run.statuses[202 if route == "train" else 200] >= 3, run.statuses
+    # the generator reaches the work behind the checks too (a valid train body starts a job: 202). Two:
+    # the seeded bodies on the test's own dataset; a third came from training on whatever images /tmp held
+    # while it had fewer than the folder limit's files, which depends on the machine
+    assert run.statuses[202 if route == "train" else 200] >= 2, run.statuses
 
 
 def test_path_parameters_and_other_routes(fuzz_run):
