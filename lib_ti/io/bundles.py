@@ -17,7 +17,6 @@ name stays whole. Only ``.safetensors`` LoRA files are read (A1111 also unpickle
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -40,7 +39,7 @@ from lib_ti.embedding import (
 )
 from lib_ti.errors import EmbeddingExists, EmbeddingFormatError, InvalidNameError
 from lib_ti.io.formats import WRITE_SUFFIX, write_embedding
-from lib_ti.io.safetensors_io import MAX_HEADER_BYTES
+from lib_ti.io.safetensors_io import MAX_HEADER_BYTES, parse_header
 from lib_ti.names import path_in_folder, validate_name
 
 logger = logging.getLogger(__name__)
@@ -129,17 +128,8 @@ def _read_header(path: str | os.PathLike[str]) -> _Header:
             if n < 2 or head[8:9] != b"{":
                 msg = f"{label} is not a .safetensors file (no safetensors header)"
                 raise EmbeddingFormatError(msg)
-            if n > MAX_HEADER_BYTES:
-                msg = (
-                    f"{label}: safetensors header claims {n} bytes, more than the {MAX_HEADER_BYTES} allowed"
-                )
-                raise EmbeddingFormatError(msg)
-            if n > size - 8:
-                msg = (
-                    f"{label}: safetensors header claims {n} bytes but the file holds {size - 8} (truncated?)"
-                )
-                raise EmbeddingFormatError(msg)
-            raw = head[8:] + f.read(n - 1)
+            # the length is checked against MAX_HEADER_BYTES and the size before anything more is read
+            raw = head if n > MAX_HEADER_BYTES or n > size - 8 else head + f.read(n - 1)
     except FileNotFoundError:
         msg = f"{label} does not exist"
         raise EmbeddingFormatError(msg) from None
@@ -149,49 +139,8 @@ def _read_header(path: str | os.PathLike[str]) -> _Header:
     except OSError as e:
         msg = f"{label} cannot be read: {e.strerror or e}"
         raise EmbeddingFormatError(msg) from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        msg = f"{label}: safetensors header is not valid JSON ({e}); the file is damaged"
-        raise EmbeddingFormatError(msg) from None
-    if not isinstance(header, dict):
-        msg = f"{label}: safetensors header is not a JSON object"
-        raise EmbeddingFormatError(msg)
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        msg = f"{label}: safetensors __metadata__ must map text to text"
-        raise EmbeddingFormatError(msg)
-    body = size - 8 - n
-    for key, entry in header.items():
-        _check_entry(label, key, entry, body)
-    return _Header(header, metadata, 8 + n)
-
-
-def _check_entry(label: str, key: str, entry: Any, body: int) -> None:
-    """A tensor entry is well formed and its bytes lie inside the file."""
-    if not isinstance(entry, dict):
-        msg = f"{label}: header entry {key!r} is not an object"
-        raise EmbeddingFormatError(msg)
-    shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(entry.get("dtype"), str):
-        msg = f"{label}: tensor {key!r} has no dtype"
-        raise EmbeddingFormatError(msg)
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        msg = f"{label}: tensor {key!r} has an invalid shape {shape!r}"
-        raise EmbeddingFormatError(msg)
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1] <= body
-    ):
-        msg = (
-            f"{label}: tensor {key!r} has data offsets {offsets!r} outside the file's {body} data bytes "
-            "(truncated or damaged)"
-        )
-        raise EmbeddingFormatError(msg)
+    entries, metadata = parse_header(raw, label, file_size=size)
+    return _Header(entries, metadata, 8 + n)
 
 
 # --------------------------------------------------------------------------- bundles in a header

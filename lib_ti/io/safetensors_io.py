@@ -41,8 +41,14 @@ def looks_like_safetensors(data: bytes) -> bool:
     return 2 <= n <= len(data) - 8 and data[8:9] == b"{"
 
 
-def parse_header(data: bytes, label: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """Validate the header of a safetensors file; return (tensor entries, metadata)."""
+def parse_header(
+    data: bytes, label: str, file_size: int | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Validate the header of a safetensors file; return (tensor entries, metadata).
+
+    ``data``: the whole file, or only its first bytes (at least the header) when ``file_size`` gives
+    the file's size (a LoRA's header is read without its weights)."""
+    size = len(data) if file_size is None else file_size
     if len(data) < 8:
         msg = f"{label}: too short to be a safetensors file ({len(data)} bytes)"
         raise EmbeddingFormatError(msg)
@@ -50,8 +56,8 @@ def parse_header(data: bytes, label: str) -> tuple[dict[str, Any], dict[str, str
     if n > MAX_HEADER_BYTES:
         msg = f"{label}: safetensors header claims {n} bytes, more than the {MAX_HEADER_BYTES} allowed"
         raise EmbeddingFormatError(msg)
-    if n > len(data) - 8:
-        msg = f"{label}: safetensors header claims {n} bytes but the file holds {len(data) - 8} (truncated?)"
+    if n > size - 8 or n > len(data) - 8:
+        msg = f"{label}: safetensors header claims {n} bytes but the file holds {size - 8} (truncated?)"
         raise EmbeddingFormatError(msg)
     try:
         header = json.loads(data[8 : 8 + n].decode("utf-8"))
@@ -67,7 +73,7 @@ def parse_header(data: bytes, label: str) -> tuple[dict[str, Any], dict[str, str
     ):
         msg = f"{label}: safetensors __metadata__ must map text to text"
         raise EmbeddingFormatError(msg)
-    body = len(data) - 8 - n
+    body = size - 8 - n
     for key, entry in header.items():
         _check_entry(label, key, entry, body)
     return header, metadata
