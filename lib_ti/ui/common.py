@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import html
 import logging
-from typing import Any
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from lib_ti.embedding import KIND_LABELS, Embedding
 from lib_ti.errors import TIError
@@ -36,6 +38,28 @@ def get_service(host: HostInfo) -> Any:
         msg = f"creating, merging and training are not available on this host ({host.name})"
         raise TIError(msg)
     return host.service()
+
+
+#: how often a view re-reads a running job's status
+POLL_SECONDS = 1.0
+T = TypeVar("T")
+
+
+def find_job(host: HostInfo, job_id: str, kind: str) -> Any:
+    """The job ``job_id`` if it is a ``kind`` job (else None, also when the host has no service)."""
+    try:
+        job = get_service(host).jobs.get(job_id) if job_id else None
+    except TIError:
+        return None
+    return job if job is not None and job.status.kind == kind else None
+
+
+def follow(job: Any, snapshot: Callable[[], T]) -> Iterator[T]:
+    """``snapshot()`` every :data:`POLL_SECONDS` while ``job`` runs, and once more when it has ended."""
+    while job is not None and job.status.running:
+        yield snapshot()
+        time.sleep(POLL_SECONDS)
+    yield snapshot()
 
 
 def model_error(e: Exception) -> str:

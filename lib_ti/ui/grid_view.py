@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import html
 import logging
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,12 +13,11 @@ import gradio as gr
 from lib_ti.errors import TIError
 from lib_ti.grid.options import GridRequest
 from lib_ti.hostinfo import HostInfo
-from lib_ti.ui.common import error_html, get_service
+from lib_ti.ui.common import error_html, find_job, follow, get_service
 from lib_ti.ui.compat import js_kwargs
 
 logger = logging.getLogger(__name__)
 
-POLL_SECONDS = 1.0
 DEFAULTS = GridRequest()
 #: the form's fields, in the order the handlers take them
 FIELDS = ("embeddings", "run", "run_steps", "checkpoints", "cfg_scales", "prompts", "negative_prompt", "seeds",
@@ -76,11 +74,7 @@ class GridHandlers:
         return job.id, status_markdown(job.status)
 
     def _job(self, job_id: str) -> Any:
-        try:
-            job = self._service().jobs.get(job_id) if job_id else None
-        except TIError:
-            return None
-        return job if job is not None and job.status.kind == "grid" else None
+        return find_job(self.host, job_id, "grid")
 
     def snapshot(self, job_id: str) -> tuple[str, Any]:
         job = self._job(job_id)
@@ -89,11 +83,7 @@ class GridHandlers:
         return status_markdown(st), image
 
     def watch(self, job_id: str) -> Iterator[tuple[Any, Any]]:
-        job = self._job(job_id)
-        while job is not None and job.status.running:
-            yield self.snapshot(job_id)
-            time.sleep(POLL_SECONDS)
-        yield self.snapshot(job_id)
+        yield from follow(self._job(job_id), lambda: self.snapshot(job_id))
 
     def stop(self, job_id: str) -> str:
         job = self._job(job_id)

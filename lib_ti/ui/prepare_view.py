@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import html
 import logging
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import fields
 from typing import Any
@@ -21,12 +20,11 @@ from lib_ti.prepare.jobs import CAPTIONER_LABELS
 from lib_ti.prepare.options import FIELD_TYPES, PrepareRequest
 from lib_ti.prepare.tagger import WD_MODELS
 from lib_ti.training.options import choices
-from lib_ti.ui.common import error_html, get_service, ok_html, warn_html
+from lib_ti.ui.common import error_html, find_job, follow, get_service, ok_html, warn_html
 from lib_ti.ui.compat import js_kwargs
 
 logger = logging.getLogger(__name__)
 
-POLL_SECONDS = 1.0
 #: the most thumbnails the caption editor shows (the table lists every image)
 MAX_THUMBNAILS = 120
 FIELDS = [f.name for f in fields(PrepareRequest)]
@@ -213,12 +211,7 @@ class PrepareHandlers:
         return job.id, status_markdown(job.status)
 
     def _job(self, job_id: str) -> Any:
-        try:
-            jobs = get_service(self.host).jobs
-        except TIError:
-            return None
-        job = jobs.get(job_id) if job_id else None
-        return job if job is not None and job.status.kind == "prepare" else None
+        return find_job(self.host, job_id, "prepare")
 
     def snapshot(self, job_id: str) -> tuple[str, str]:
         job = self._job(job_id)
@@ -229,11 +222,7 @@ class PrepareHandlers:
         if not job_id:
             yield gr.update(), gr.update()
             return
-        job = self._job(job_id)
-        while job is not None and job.status.running:
-            yield self.snapshot(job_id)
-            time.sleep(POLL_SECONDS)
-        yield self.snapshot(job_id)
+        yield from follow(self._job(job_id), lambda: self.snapshot(job_id))
 
     def stop(self, job_id: str) -> str:
         job = self._job(job_id)
