@@ -17,7 +17,7 @@ from lib_ti.prepare.dedupe import THRESHOLD
 from lib_ti.prepare.sources import MIN_SIZE, parse_color
 from lib_ti.prepare.tagger import TaggerArgs
 from lib_ti.training.options import MAXIMUM as TRAIN_MAXIMUM
-from lib_ti.training.options import check_types, coerce_as, path_problem
+from lib_ti.training.options import check_bounds, check_types, coerce_as, path_problem
 
 #: what becomes of a caption the picture already has (a ``.txt`` beside it in the source folder)
 CaptionMode = Literal["append", "overwrite", "keep"]
@@ -112,14 +112,7 @@ def prepare_request(given: Mapping[str, Any]) -> PrepareRequest:
 def check(req: PrepareRequest) -> None:
     """Types, sets and bounds of every field; TIError naming the field."""
     check_types(req, FIELD_TYPES)
-    for name, low in MINIMUM.items():
-        if getattr(req, name) < low:
-            msg = f"{name} must be at least {low} (got {short_repr(getattr(req, name))})"
-            raise TIError(msg)
-    for name, high in MAXIMUM.items():
-        if getattr(req, name) > high:
-            msg = f"{name} must be at most {high} (got {short_repr(getattr(req, name))})"
-            raise TIError(msg)
+    check_bounds(req, MINIMUM, MAXIMUM)
     for name in _UNIT:
         value = getattr(req, name)
         top = 0.9 if name == "tile_overlap" else 1.0

@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
@@ -143,17 +144,22 @@ def check_types(obj: Any, types: dict[str, Any]) -> None:
             raise TIError(msg)
 
 
+def check_bounds(obj: Any, minimum: Mapping[str, Any], maximum: Mapping[str, Any]) -> None:
+    """Each named field of ``obj`` is within its bounds; TIError naming the first that is not."""
+    for name, low in minimum.items():
+        if getattr(obj, name) < low:
+            msg = f"{name} must be at least {low} (got {short_repr(getattr(obj, name))})"
+            raise TIError(msg)
+    for name, high in maximum.items():
+        if getattr(obj, name) > high:
+            msg = f"{name} must be at most {high} (got {short_repr(getattr(obj, name))})"
+            raise TIError(msg)
+
+
 def check(req: TrainRequest) -> None:
     """The values' types, sets and bounds; raises TIError naming the field."""
     check_types(req, FIELD_TYPES)
-    for name, low in MINIMUM.items():
-        if getattr(req, name) < low:
-            msg = f"{name} must be at least {low} (got {short_repr(getattr(req, name))})"
-            raise TIError(msg)
-    for name, high in MAXIMUM.items():
-        if getattr(req, name) > high:
-            msg = f"{name} must be at most {high} (got {short_repr(getattr(req, name))})"
-            raise TIError(msg)
+    check_bounds(req, MINIMUM, MAXIMUM)
     for name in ("warmup_steps", "keep_tags", "validation_every", "snapshot_every", "preview_every", "seed"):
         if getattr(req, name) < 0:
             msg = f"{name} must not be negative (got {short_repr(getattr(req, name))})"
