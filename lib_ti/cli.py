@@ -1,6 +1,8 @@
-"""Command line for the file-level tools: ``python -m lib_ti inspect|diff|convert|extract``.
+"""The command line: ``python -m lib_ti inspect|diff|convert|extract`` (file tools) and ``train``
+(training without a web UI, :mod:`lib_ti.headless`).
 
-Exit codes: 0 success, 2 bad input (one line on stderr, never a traceback).
+Exit codes: 0 success, 2 bad input (one line on stderr, never a traceback); ``train`` also 1 (the run
+failed) and 130 (stopped by Ctrl-C after saving).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 from lib_ti import __version__
 from lib_ti.embedding import KIND_LABELS, Embedding
 from lib_ti.errors import TIError
+from lib_ti.headless.command import train_command
+from lib_ti.headless.options import add_arguments as add_train_arguments
 from lib_ti.io.bundles import (
     FORGE_BUNDLE_NOTE,
     PRODUCER_LABELS,
@@ -253,6 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--overwrite", action="store_true", help="replace existing files")
     s.set_defaults(func=cmd_extract)
+
+    s = sub.add_parser(
+        "train",
+        help="train an embedding on a checkpoint file, or a queue of them (torchrun for many GPUs)",
+        description="Train a textual-inversion embedding without a web UI, with the tab's engine and recipe. "
+        "Needs: pip install -r requirements-headless.txt. Exit codes: 0 done, 1 failed, 2 bad input, "
+        "130 stopped by Ctrl-C (after saving; a second Ctrl-C aborts).",
+    )
+    add_train_arguments(s)
+    s.set_defaults(func=train_command)
     return p
 
 

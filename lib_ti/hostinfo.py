@@ -145,4 +145,6 @@ class HostServices:
     generate: Callable[[Generation], tuple[Any, str]] | None = None
     #: the host's progress bar counts this many images for the job (a grid's cells)
     progress_jobs: Callable[[int], None] = lambda count: None
+    #: this process's part of a data-parallel run (``lib_ti.training.parallel.Shard``; None: one process)
+    shard: Any = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -462,9 +462,9 @@ class Service:
             logger.warning("could not write the card preview for %s: %s", name, e)
 
     # ------------------------------------------------------------------ train
-    def train_request(self, given: Mapping[str, Any] | TrainRequest) -> TrainRequest:
-        """A complete request: a TrainRequest as it is; a mapping over the loaded model's recipe and
-        the user's ``ti_default_*`` settings (the order is in docs/TRAINING.md)."""
+    def train_request(self, given: Mapping[str, Any] | TrainRequest, *, kind: str = "") -> TrainRequest:
+        """A complete request: a TrainRequest as it is; a mapping over the recipe of ``kind`` (default: the
+        loaded model's) and the user's ``ti_default_*`` settings (the order is in docs/TRAINING.md)."""
         blocked = self.host.training_blocked()
         if blocked:
             raise TIError(blocked)
@@ -481,7 +481,7 @@ class Service:
             if info is None and not given.get("dataset_dir"):
                 raise TIError(_cannot_resume(why))
             base = info.settings if info is not None else None
-        return resolve(given, self.loaded_kind(), self.host.get_option, base)
+        return resolve(given, kind or self.loaded_kind(), self.host.get_option, base)
 
     # ------------------------------------------------------------------ resume files
     def resume_file(self, name: str) -> Path:
@@ -597,11 +597,12 @@ class Service:
             log_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise WriteFailed.from_os_error(log_dir, e) from e
+        writer = self.host.shard is None or self.host.shard.rank == 0  # one writer in a data-parallel run
         with self._write_lock:  # no create or merge half-way through these files
             start = read_embedding(self.find_embedding_file(req.embedding))
             own = [f"{req.embedding}{s}" for s in (*SAVE_SUFFIX.values(), ".json")]
-            removed = remove_temporaries(self.folder(), own) + remove_temporaries(log_dir)
-            if not req.resume:
+            removed = remove_temporaries(self.folder(), own) + remove_temporaries(log_dir) if writer else []
+            if not req.resume and writer:
                 self._forget_runs(req.embedding)  # a new run: the last one's resume file is obsolete
         for p in removed:
             logger.info("removed %s (a write cut short by a crash)", p)
@@ -652,10 +653,11 @@ class Service:
                     )
                 )
                 args.point_every = self._point_every()
+                args.gradient_checkpointing = bool(self.host.get_option("ti_gradient_checkpointing", False))
                 if self.host.preview is None:
                     args.preview_every = 0
                 resume = _read_resume(resume_path) if req.resume else None
-                trainer = Trainer(
+                trainer = Trainer(  # in a data-parallel run, the trainer calls back on rank 0 only
                     parts,
                     data,
                     start,
@@ -663,6 +665,7 @@ class Service:
                     self._callbacks(job, req, log_dir, resume_path),
                     resume,
                     settings=asdict(req),
+                    shard=self.host.shard,
                 )
                 st.step = trainer.step
                 st.resumed_from = trainer.step if req.resume else None

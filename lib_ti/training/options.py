@@ -78,6 +78,37 @@ class TrainRequest:
     cache_latents_on_disk: bool = False
 
 
+#: one line per option, for the command line's --help (the tab's labels say the same in fewer words)
+HELP: dict[str, str] = {
+    "embedding": "name of the embedding to train (a file in the embeddings folder)",
+    "dataset_dir": "folder of training images (captions in .txt files beside them, optional)",
+    "template": "prompt template: a shipped or user template name, a .txt file, or lines with [name] and [filewords]",
+    "steps": "optimizer steps",
+    "batch_size": "images per micro-batch",
+    "grad_accum": "micro-batches per optimizer step (effective batch = batch size x accumulation)",
+    "lr": "learning rate, or a schedule like 5e-3:100, 1e-3:1000",
+    "lr_shape": "shape of the rate between schedule points",
+    "warmup_steps": "linear warmup steps (at most a tenth of the run)",
+    "norm_control": "keep the vectors' norms near the vocabulary's: soft (a pull), hard (rescale) or off",
+    "resolution": "bucket area = resolution squared (SD1 512, SD2 768, SDXL 1024)",
+    "buckets": "aspect-ratio buckets (off: square crops)",
+    "flip": "random horizontal flips",
+    "shuffle_tags": "shuffle the comma-separated caption tags",
+    "keep_tags": "keep the first N tags in place when shuffling",
+    "tag_dropout": "drop each tag with this probability (0 to below 1)",
+    "repeats": "times each image appears per epoch",
+    "latent_sampling": "random: sample the VAE posterior each step; deterministic: its mean",
+    "validation_every": "validation loss every N steps (0: never)",
+    "snapshot_every": "save a numbered snapshot every N steps (0: never)",
+    "preview_every": "make a preview image every N steps (0: never)",
+    "preview_prompt": "preview prompt (empty: a photo of <name>)",
+    "train_encoders": "which encoder's vectors are trained (SDXL: clip_l or clip_g alone)",
+    "min_snr_gamma": "Min-SNR-gamma loss weighting (0: off)",
+    "noise_offset": "noise offset",
+    "seed": "seed of every random draw of the run",
+    "resume": "continue the last stopped run of this embedding",
+    "cache_latents_on_disk": "keep the encoded latents on disk for the next run",
+}
 #: the fields every request must name (they have no recipe value)
 REQUIRED = ("embedding", "dataset_dir")
 #: every option a recipe gives a value, in the form's order

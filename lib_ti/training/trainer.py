@@ -7,6 +7,11 @@ Determinism without saved RNG state: every random draw comes from a named stream
 noise, timestep and latent sample of the sample at position ``j`` of optimizer step ``s``. A run stopped
 at step k and resumed therefore replays exactly what an uninterrupted run does, and batch 4 equals
 batch 2 x accumulation 2 on the same samples.
+
+Data parallel (a :class:`~lib_ti.training.parallel.Shard`): every process builds the same micro-batches
+and trains the rows the shard gives it; gradients and loss are summed over processes before each
+optimizer step, so N processes with batch B give the vectors of one process with batch B (up to float
+rounding), and a resume file written under N processes resumes under any number.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from lib_ti.embedding import HOST_KINDS, Embedding, non_host_kind_message
 from lib_ti.errors import WriteFailed
 from lib_ti.io.atomic import atomic_write_bytes
 from lib_ti.parts import ModelParts
-from lib_ti.training.dataset import TrainingData
+from lib_ti.training.dataset import Batch, TrainingData
 from lib_ti.training.errors import TrainingError
 from lib_ti.training.options import LrShape, NormControl, Optimizer
+from lib_ti.training.parallel import Shard
 from lib_ti.training.resume import (
     POINT_EVERY_SECONDS,
     POINT_EVERY_STEPS,
@@ -54,6 +60,7 @@ TIMED = ("steps", "validation", "saving", "points", "previews")
 _RESUME_STATE: dict[str, RunState] = {
     "point": "running", "snapshot": "running", "stopped": "stopped", "final": "finished", "failed": "failed",
 }  # fmt: skip
+_NO_GRADIENT = "no gradient reached the embedding vectors (the model's text path is not differentiable)"
 
 
 @dataclass
@@ -105,6 +112,7 @@ class Progress:
     loss_smooth: float
     lr: float
     norms: dict[str, list[float]]
+    #: the images of whole steps (those of every process of a data-parallel run) per second
     images_per_sec: float
     eta_seconds: float
     val_loss: float | None = None
@@ -118,7 +126,8 @@ class TrainCallbacks:
     save: Callable[[Embedding, str], Any] | None = None
     progress: Callable[[Progress], None] | None = None
     preview: Callable[[Embedding, int], None] | None = None
-    #: polled before every micro-step; True ends the run after saving
+    #: polled before every micro-step (in a data-parallel run: before every step, on every process);
+    #: True ends the run after saving
     should_stop: Callable[[], bool] | None = None
     #: resume state (bytes) to keep; None: not kept
     save_resume: Callable[[bytes], None] | None = None
@@ -187,13 +196,24 @@ class Trainer:
         callbacks: TrainCallbacks | None = None,
         resume: bytes | None = None,
         settings: dict[str, Any] | None = None,
+        *,
+        shard: Shard | None = None,
     ) -> None:
-        """``settings``: the request the run was started with, kept in the resume file."""
+        """``settings``: the request the run was started with, kept in the resume file.
+
+        ``shard``: this process's part of a data-parallel run. Every process gets the same arguments;
+        only rank 0 writes (the others keep only ``should_stop`` of ``callbacks`` and no CSV log).
+        """
         self.parts = parts
         self.settings = dict(settings or {})
         self.data = dataset
         self.args = args
+        self.shard = shard
         self.cb = callbacks or TrainCallbacks()
+        if shard is not None and shard.rank != 0:
+            self.cb = TrainCallbacks(should_stop=self.cb.should_stop)
+        #: a file rank 0 of a data-parallel run could not write; ends the run at the next step boundary
+        self._write_failure: WriteFailed | None = None
         self.name = embedding.name
         self.base = embedding
         self._check_args()
@@ -211,6 +231,11 @@ class Trainer:
             msg = f"cannot train {sorted(trained - keys)}: the model has {sorted(keys)}"
             raise TrainingError(msg)
         self.trained = [k for k in parts.prompt_encoder.keys if k in trained]
+        if shard is not None and shard.world > args.batch_size:
+            logger.warning(
+                "%s: batch size %d over %d processes: %d of them train nothing",
+                embedding.name, args.batch_size, shard.world, shard.world - args.batch_size,
+            )  # fmt: skip
         self.vectors = {k: v.detach().float().clone().to(parts.device) for k, v in embedding.vectors.items()}
         for k in self.trained:
             self.vectors[k].requires_grad_(True)
@@ -275,9 +300,8 @@ class Trainer:
         pace = _Pace(self.step)
         #: the last automatic resume point (the run's start counts as one)
         self._points = _Points(self.step)
-        log_path = self._log_path()
         try:
-            with self._gradient_checkpointing(), _CsvLog(log_path, self.trained, self.step) as log:
+            with self._gradient_checkpointing(), self._open_log() as log:
                 return self._loop(log, pace)
         except WriteFailed as e:
             if self._resume_step:
@@ -304,9 +328,12 @@ class Trainer:
                 pace.images += len(group)
                 self._track_loss(loss)
                 val_loss = self._validate_when_due()
-                self._report(log, pace, loss, lr, val_loss)
-                self._snapshot_and_preview_when_due()
-                self._point_when_due()
+                with self._write_failure_deferred():
+                    self._report(log, pace, loss, lr, val_loss)
+                    self._snapshot_and_preview_when_due()
+                    self._point_when_due()
+            if self.shard is not None:
+                self._end_together(last=True)
             self._save("final")
             return self._result("finished", f"finished {self.step} steps")
         except _RunEnded as end:
@@ -315,6 +342,8 @@ class Trainer:
     def _backward(self, group: list[int], backup: dict[str, torch.Tensor]) -> float:
         """Accumulate the gradients of one optimizer step over its micro-batches; the summed loss."""
         self.optimizer.zero_grad(set_to_none=True)
+        if self.shard is not None:
+            return self._backward_shard(self.shard, group, backup)
         step_loss = 0.0
         for m in range(0, len(group), self.args.batch_size):
             if m:
@@ -327,15 +356,57 @@ class Trainer:
             step_loss += float(loss.detach())
         return step_loss
 
-    def _micro_batch_loss(self, group: list[int], positions: list[int]) -> torch.Tensor:
+    def _backward_shard(self, shard: Shard, group: list[int], backup: dict[str, torch.Tensor]) -> float:
+        """:meth:`_backward` of one process of a data-parallel run: its rows of every micro-batch, then
+        the gradients and the loss summed over processes (one collective). A non-finite loss ends this
+        process's part of the step; whether the step failed is decided by all processes together."""
+        size = self.args.batch_size
+        step_loss, bad, trained_rows = 0.0, False, False
+        for m in range(0, len(group), size):
+            positions = list(range(m, min(m + size, len(group))))
+            rows = shard.rows(len(positions))
+            if not rows:
+                continue
+            loss = self._micro_batch_loss(group, positions, rows) / len(group)
+            if not torch.isfinite(loss):
+                bad = True
+                break
+            loss.backward()
+            step_loss += float(loss.detach())
+            trained_rows = True
+        params = [self.vectors[k] for k in self.trained]
+        missing = trained_rows and any(p.grad is None for p in params)
+        flat = [(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1).double() for p in params]
+        flags = torch.tensor(
+            [step_loss, float(bad), float(missing)], dtype=torch.float64, device=flat[0].device
+        )
+        buffer = torch.cat([*flat, flags])
+        shard.sum_(buffer)
+        *grads, totals = buffer.split([*(p.numel() for p in params), 3])
+        for p, g in zip(params, grads):
+            p.grad = g.view_as(p).to(p.dtype)
+        step_loss, bad_on_any, missing_on_any = totals.tolist()
+        if bad_on_any:
+            raise self._fail(backup, "the loss became NaN or infinite")
+        if missing_on_any:
+            raise TrainingError(_NO_GRADIENT)
+        return float(step_loss)
+
+    def _micro_batch_loss(
+        self, group: list[int], positions: list[int], rows: list[int] | None = None
+    ) -> torch.Tensor:
         """Summed loss of the samples at ``positions`` of the step's group: latents (cached, sampled),
-        noise and timesteps, then :meth:`_loss`."""
+        noise and timesteps, then :meth:`_loss`. ``rows``: only these rows of the micro-batch (a
+        process's share in a data-parallel run; the batch is built whole, as its streams need)."""
         seed, m = self.args.seed, positions[0]
         batch = self.data.make_batch(
             [group[j] for j in positions],
             random_stream(seed, "batch", self.step, m),
             stream(seed, "latent_sample", self.step, m),
         )
+        if rows is not None:
+            batch = _rows_of(batch, rows)
+            positions = [positions[i] for i in rows]
         noise, t = self._sample_noise(self.step, positions, batch.latents.shape[1:])
         return self._loss(batch.latents, noise, t, batch.prompts, batch.time_ids, batch.weight).sum()
 
@@ -344,8 +415,7 @@ class Trainer:
         params = [self.vectors[k] for k in self.trained]
         grads = [v.grad for v in params if v.grad is not None]
         if len(grads) < len(params):
-            msg = "no gradient reached the embedding vectors (the model's text path is not differentiable)"
-            raise TrainingError(msg)
+            raise TrainingError(_NO_GRADIENT)
         if not all(torch.isfinite(g).all() for g in grads):
             raise self._fail(backup, "a gradient became NaN or infinite")
         if self.args.grad_clip > 0:
@@ -415,6 +485,9 @@ class Trainer:
     # ------------------------------------------------------------------ ending a run
     def _end_if_interrupted(self) -> None:
         """Save and end the run on a stop request or when the host unloaded the model."""
+        if self.shard is not None:
+            self._end_together()
+            return
         self._end_if_stop_requested()
         if not self.parts.still_loaded():
             self._save("stopped")
@@ -425,6 +498,27 @@ class Trainer:
         if self.cb.should_stop and self.cb.should_stop():
             self._save("stopped")
             raise _RunEnded(self._result("stopped", f"stopped at step {self.step}; saved"))
+
+    def _end_together(self, last: bool = False) -> None:
+        """:meth:`_end_if_interrupted` of a data-parallel run, at a step boundary: every process ends at
+        the same step (one collective) when any one was asked to stop, lost its model or (rank 0)
+        could not write a file. ``last``: after the last step, only for a failed write."""
+        assert self.shard is not None
+        stop = not last and bool(self.cb.should_stop and self.cb.should_stop())
+        unloaded = not last and not self.parts.still_loaded()
+        failed, stop, unloaded = self.shard.any(self._write_failure is not None, stop, unloaded)
+        if failed:
+            if self._write_failure is not None:
+                raise self._write_failure
+            msg = f"another process could not write its files; training stopped at step {self.step}"
+            raise _RunEnded(self._result("failed", msg))
+        if stop:
+            self._save("stopped")
+            raise _RunEnded(self._result("stopped", f"stopped at step {self.step}; saved"))
+        if unloaded:
+            self._save("stopped")
+            msg = f"checkpoint change requested; training stopped at step {self.step}, saved"
+            raise _RunEnded(self._result("model_changed", msg))
 
     def _fail(self, backup: dict[str, torch.Tensor], why: str) -> _RunEnded:
         """Restore the vectors of the last good step, save them, and end the run as failed."""
@@ -468,8 +562,33 @@ class Trainer:
         finally:
             switch(False)
 
+    @contextmanager
+    def _write_failure_deferred(self) -> Iterator[None]:
+        """In a data-parallel run, a file rank 0 cannot write is kept for :meth:`_end_together`
+        (raising it here would leave the other processes waiting in a collective)."""
+        if self.shard is None:
+            yield
+            return
+        try:
+            yield
+        except WriteFailed as e:
+            self._write_failure = e
+
+    def _open_log(self) -> _CsvLog:
+        path = self._log_path()
+        if self.shard is None:
+            return _CsvLog(path, self.trained, self.step)
+        try:
+            return _CsvLog(path, self.trained, self.step)
+        except WriteFailed as e:
+            self._write_failure = e
+            return _CsvLog(None, self.trained)
+
     def _log_path(self) -> Path | None:
-        return Path(self.args.log_dir) / f"{self.name}.csv" if self.args.log_dir else None
+        """The CSV log (none on the processes other than rank 0 of a data-parallel run)."""
+        if not self.args.log_dir or (self.shard is not None and self.shard.rank != 0):
+            return None
+        return Path(self.args.log_dir) / f"{self.name}.csv"
 
     def _copy_vectors(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.vectors.items()}
@@ -598,11 +717,16 @@ class Trainer:
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def validation_loss(self) -> float | None:
+        """The mean loss of the validation samples (in a data-parallel run each process computes its
+        share and the sum is taken over processes, so every process gets the same value)."""
         if not self._validation:
             return None
+        samples = self._validation
+        if self.shard is not None:
+            samples = samples[self.shard.rank :: self.shard.world]
         # one forward per latent size (a bucket) rather than per sample
         groups: dict[tuple[int, ...], list[ValidationSample]] = {}
-        for v in self._validation:
+        for v in samples:
             groups.setdefault(tuple(v.latent.shape), []).append(v)
         total = 0.0
         for group in groups.values():
@@ -615,6 +739,8 @@ class Trainer:
                 None,
             )
             total += float(per.sum())
+        if self.shard is not None:
+            (total,) = self.shard.sum_floats([total])
         return total / len(self._validation)
 
     def _validate(self) -> float | None:
@@ -791,6 +917,19 @@ class _CsvLog:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+def _rows_of(batch: Batch, rows: list[int]) -> Batch:
+    """The rows ``rows`` of ``batch``."""
+    if rows == list(range(len(batch.prompts))):
+        return batch
+    return Batch(
+        latents=batch.latents[rows],
+        prompts=[batch.prompts[i] for i in rows],
+        time_ids=batch.time_ids[rows],
+        weight=None if batch.weight is None else batch.weight[rows],
+        indices=[batch.indices[i] for i in rows],
+    )
 
 
 def _drop_rows_after(path: Path, step: int) -> None:

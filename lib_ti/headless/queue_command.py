@@ -1,0 +1,165 @@
+"""``python -m lib_ti train --queue jobs.toml``: the jobs one after another, or shared between the
+processes of a torchrun launch (``--parallel jobs``), or each split over them (``--parallel data``).
+
+Where a job's option comes from, first match wins: the command line's flags, the job's table, the queue's
+``[defaults]``, the ``--config`` file. Paths in the queue file are relative to the queue file.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lib_ti.errors import TIError
+from lib_ti.headless.distributed import Distributed, init_from_env
+from lib_ti.headless.options import KNOWN_KEYS, Resolved, resolve
+from lib_ti.headless.queue import (
+    Claims,
+    JobOutcome,
+    QueueInterrupted,
+    QueueJob,
+    exit_code,
+    load_queue,
+    run_queue,
+    summary_table,
+)
+from lib_ti.headless.run import (
+    Console,
+    Interrupts,
+    ModelCache,
+    Outcome,
+    file_service,
+    queue_state,
+    setup_logging,
+    train_one,
+)
+from lib_ti.training.resume import read_info_file
+
+logger = logging.getLogger(__name__)
+
+#: options that name files or folders (relative to the queue file when they come from it)
+PATH_KEYS = ("checkpoint", "original_config", "data", "out", "log_dir")
+#: how a run's end shows in the summary
+STATUS = {
+    "finished": "finished",
+    "early_stopped": "early_stopped",
+    "stopped": "stopped",
+    "skipped": "skipped",
+}
+
+
+def job_values(job: QueueJob, config: Mapping[str, Any], flags: Mapping[str, Any]) -> dict[str, Any]:
+    own = {
+        k: (str(job.path(v)) if k in PATH_KEYS and isinstance(v, str) and v else v)
+        for k, v in job.options.items()
+    }
+    return {**config, **own, **flags}
+
+
+def _as_row(outcome: Outcome) -> JobOutcome:
+    status: Any = STATUS.get(outcome.status, "failed")
+    return JobOutcome(
+        outcome.name,
+        status,
+        steps=outcome.step,
+        loss=outcome.loss,
+        val_loss=outcome.val_loss,
+        file=outcome.file,
+        seconds=outcome.seconds,
+        message=outcome.message,
+    )
+
+
+def _earlier(resolved: Resolved) -> JobOutcome | None:
+    name = str(resolved.train["embedding"])
+    service = file_service(resolved.run)
+    state = queue_state(service, name)
+    if state == "new":
+        return None
+    info = read_info_file(service.resume_file(name))
+    return JobOutcome(
+        name,
+        "finished" if state == "finished" else "stopped",
+        steps=info.step,
+        file=str(service.find_embedding_file(name)) if state == "finished" else None,
+    )
+
+
+def _shared_run_id(rank: int) -> str:
+    """One id for every process of this launch (rank 0's), so claims of earlier launches count as stale."""
+    import torch.distributed as td
+
+    box = [uuid.uuid4().hex if rank == 0 else ""]
+    td.broadcast_object_list(box, src=0)
+    return str(box[0])
+
+
+def run_queue_command(path: Path, config: Mapping[str, Any], flags: Mapping[str, Any], world: int) -> int:
+    jobs = load_queue(path, KNOWN_KEYS)
+    resolved = {job.name: resolve(job_values(job, config, flags), job.label) for job in jobs}
+    modes = {r.run.parallel for r in resolved.values()}
+    mode = "jobs" if world > 1 and modes <= {"none", "jobs"} else ("data" if "data" in modes else "none")
+    if len(modes - {"none"}) > 1:
+        msg = f"{path}: every job must use the same --parallel mode"
+        raise TIError(msg)
+    if mode == "none":
+        setup_logging(None)
+        return _run(jobs, resolved, claims=None, device="", dist=None, quiet=None)
+    dist = init_from_env()
+    if dist is None:
+        msg = f"--parallel {mode} needs several processes: launch with torchrun --nproc-per-node N -m lib_ti train ..."
+        raise TIError(msg)
+    try:
+        setup_logging(dist.rank)
+        if mode == "jobs":
+            run_id = _shared_run_id(dist.rank)
+            claims = Claims(path.parent / f".{path.stem}.claims", run_id)
+            return _run(jobs, resolved, claims=claims, device=str(dist.device), dist=None, quiet=True)
+        return _run(jobs, resolved, claims=None, device=str(dist.device), dist=dist, quiet=dist.rank != 0)
+    finally:
+        dist.close()
+
+
+def _run(
+    jobs: list[QueueJob],
+    resolved: Mapping[str, Resolved],
+    *,
+    claims: Claims | None,
+    device: str,
+    dist: Distributed | None,
+    quiet: bool | None,
+) -> int:
+    """The queue in this process: ``claims`` share it between processes (jobs mode); ``dist`` splits
+    each job over them (data mode); ``quiet`` None: each job's own setting."""
+    models = ModelCache()
+    interrupts = Interrupts()
+    rank0 = dist is None or dist.main
+
+    def run_job(job: QueueJob) -> JobOutcome:
+        r = resolved[job.name]
+        console = Console(r.run.quiet if quiet is None else quiet, enabled=rank0)
+        on_ready = dist.barrier if dist is not None else None
+        outcome = train_one(
+            r,
+            models=models,
+            console=console,
+            interrupts=interrupts,
+            queue_mode=True,
+            shard=dist.shard() if dist is not None else None,
+            device=device,
+            on_ready=on_ready,
+        )
+        return _as_row(outcome)
+
+    with interrupts.installed():
+        try:
+            outcomes = run_queue(jobs, run_job, state=lambda job: _earlier(resolved[job.name]), claims=claims)
+        except QueueInterrupted as e:
+            outcomes = e.outcomes
+    if rank0:
+        sys.stderr.write(summary_table(outcomes) + "\n")
+    return exit_code(outcomes)
