@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _bench_models as bm  # noqa: E402  (also puts the checkout on sys.path)
+import _bench_models as bm  # also puts the checkout on sys.path
 
 NAME = "benchemb"
 TEMPLATE = "a photo of [name] standing in a garden"
@@ -92,11 +92,22 @@ def tiny_vae(seed: int = 3) -> torch.nn.Module:
     return vae.eval().requires_grad_(False)
 
 
+def _final_norm_bias(clip: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Give the final layer norm a random bias: with the initial (1, 0) every token's row has mean 0,
+    the mean of the context can round to exactly 0.0 and the web UI's emphasis rescale (mean / mean)
+    gives NaN; trained CLIP-L's bias is not zero."""
+    gen = torch.Generator().manual_seed(seed)
+    ln = clip.text_model.final_layer_norm
+    with torch.no_grad():
+        ln.bias.copy_(torch.randn(ln.bias.shape, generator=gen) * 0.1)
+    return clip
+
+
 def headless_model(kind: str) -> Any:
     """A ``lib_ti.headless.models.Model`` over the bench's full-shape modules ("sd15" or "sdxl")."""
     from lib_ti.headless.models import Model, clip_tokenizer
 
-    texts: list[tuple[str, torch.nn.Module]] = [("clip_l", bm.clip_l())]
+    texts: list[tuple[str, torch.nn.Module]] = [("clip_l", _final_norm_bias(bm.clip_l(), 6))]
     if kind == "sdxl":
         texts.append(("clip_g", clip_g_hf()))
     return Model(
@@ -158,7 +169,7 @@ def tiny_headless_model() -> Any:
         prediction="eps",
         unet=unet.requires_grad_(False),
         vae=tiny_vae(),
-        text_models=[("clip_l", clip.requires_grad_(False))],
+        text_models=[("clip_l", _final_norm_bias(clip, 6).requires_grad_(False))],
         tokenizers=(clip_tokenizer(), None),
         scaling_factor=0.18215,
         alphas_cumprod=bm.alphas_cumprod(),
@@ -249,8 +260,12 @@ def trainer_fn(parts: Any, vectors: dict[str, torch.Tensor], folder: Path):
     def run_one() -> float:
         trainer = Trainer(parts, data, emb, args, TrainCallbacks())
         start = time.perf_counter()
-        trainer.run()
-        return time.perf_counter() - start
+        result = trainer.run()
+        took = time.perf_counter() - start
+        if result.status != "finished":
+            msg = f"the trainer's step did not finish: {result.message}"
+            raise RuntimeError(msg)
+        return took
 
     return run_one
 

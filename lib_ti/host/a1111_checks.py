@@ -56,6 +56,26 @@ def conditioning_parity(
     return out
 
 
+def host_conditioning(m: Any, prompts: list[str]) -> dict[str, Any]:
+    """The host's own conditioning of ``prompts`` (crossattn, and SDXL's pooled half of ``vector``) as
+    base64 safetensors, with the loaded checkpoint's file: what headless training must reproduce."""
+    import base64
+
+    from modules import devices
+    from safetensors.torch import save
+
+    with torch.no_grad(), devices.autocast():
+        host = m.get_learned_conditioning(prompts)
+    tensors = (
+        {"crossattn": host["crossattn"], "pooled": host["vector"][:, :1280]}
+        if isinstance(host, dict)
+        else {"crossattn": host}
+    )
+    data = save({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()})
+    info = getattr(m, "sd_checkpoint_info", None)
+    return {"file": getattr(info, "filename", ""), "tensors": base64.b64encode(data).decode("ascii")}
+
+
 def gradient_check(
     m: Any, vectors: dict[str, torch.Tensor], prompt: str, name: str, parts_fn: PartsFn = a1111_parts,
     freeze: FreezeFn = freeze_all,
@@ -104,5 +124,9 @@ def add_check_routes(
     def vae(body: dict) -> Any:
         return vae_parity(model(), parts_fn, int(body.get("size", 64)))
 
+    def conditioning(body: dict) -> Any:
+        return host_conditioning(model(), [str(p) for p in body.get("prompts", [])])
+
     checks.add_routes(app, parity, gradient)
     app.add_api_route("/ti/v1/_checks/vae", vae, methods=["POST"])
+    app.add_api_route("/ti/v1/_checks/conditioning", conditioning, methods=["POST"])
