@@ -422,3 +422,110 @@ def test_ctrl_c_saves_and_exits_130(ckpts, images, tmp_path):
     resumed = base_args(ckpts["sd1"], images, out, "--name", "hlc", "--resume", "--quiet")
     assert main([*resumed, "--steps", str(step + 2)]) == 0
     assert read_embedding(out / "hlc.safetensors").step == step + 2
+
+
+# ---------------------------------------------------------------------- a diffusers folder
+def test_diffusers_folder_loads_and_trains(ckpts, images, tmp_path):
+    """A diffusers model folder (as ``save_pretrained`` writes it) gives the same conditioning and trains."""
+    import json
+
+    ck = ckpts["sd1"]
+    folder = tmp_path / "tiny-sd1-diffusers"
+    ck.unet.save_pretrained(folder / "unet")
+    ck.vae.save_pretrained(folder / "vae")
+    ck.text["clip_l"].save_pretrained(folder / "text_encoder")
+    models.hf_tokenizer().save_pretrained(folder / "tokenizer")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(
+            {
+                "beta_start": 0.00085,
+                "beta_end": 0.012,
+                "num_train_timesteps": 1000,
+                "prediction_type": "epsilon",
+            }
+        )
+    )
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    model = load_model(str(folder), LoadOptions())
+    assert (model.kind, model.prediction, model.model_name) == ("sd1", "eps", "tiny-sd1-diffusers")
+    single = build_parts(load_model(str(ck.path), LoadOptions()))
+    with torch.no_grad():
+        a = build_parts(model).prompt_encoder.encode(PROMPTS)
+        b = single.prompt_encoder.encode(PROMPTS)
+    assert torch.equal(a.crossattn, b.crossattn)
+    out = tmp_path / "emb"
+    args = base_args(ck, images, out, "--name", "hldf", "--init-text", "a cat", "--steps", "2")
+    args[args.index("--checkpoint") + 1] = str(folder)
+    assert main(args) == 0
+    assert read_embedding(out / "hldf.safetensors").step == 2
+
+
+# ---------------------------------------------------------------------- the extension without the extras
+BLOCK = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] == 'diffusers':
+            raise ImportError('No module named ' + repr(name) + ' (blocked by the test)')
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_the_web_ui_side_needs_none_of_the_headless_extras(ckpts, images, tmp_path):
+    """Without diffusers (the one extra no web UI has): the tab, the host adapters and the file tools import; ``train`` says
+    what to install (exit 2)."""
+    code = BLOCK + (
+        "from tests.conftest import define_torchvision_ops; define_torchvision_ops()\n"
+        "import lib_ti.ui.tab, lib_ti.host.detect, lib_ti.service\n"
+        "from lib_ti.cli import main\n"
+        f"sys.exit(main({base_args(ckpts['sd1'], images, tmp_path / 'emb', '--name', 'x', '--init-text', 'y')!r}))\n"
+    )
+    env = {**os.environ, "LIB_TI_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "pip install -r requirements-headless.txt" in r.stderr
+    assert not (tmp_path / "emb").exists()
+
+
+def test_config_file_holds_the_same_keys_and_flags_override_it(ckpts, images, tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'checkpoint = "{ckpts["sd1"].path.as_posix()}"\ninit_text = "a cat"\nsteps = 2\nbatch_size = 2\n'
+        f'resolution = 64\nvalidation_every = 0\npreview_every = 0\nquiet = true\nout = "{(tmp_path / "emb").as_posix()}"\n',
+        encoding="utf-8",
+    )
+    assert (
+        main(["train", "--config", str(config), "--name", "hlcfg", "--data", str(images), "--steps", "3"])
+        == 0
+    )
+    emb = read_embedding(tmp_path / "emb" / "hlcfg.safetensors")
+    assert (emb.step, emb.metadata["batch_size"]) == (3, "2")
+    config.write_text("batch-size = 2\n", encoding="utf-8")
+    assert main(["train", "--config", str(config), "--name", "x", "--data", str(images)]) == 2
+    assert "unknown option 'batch-size'" in capsys.readouterr().err
+
+
+def test_recipe_flag_picks_another_kinds_defaults(ckpts, images, tmp_path):
+    out = tmp_path / "emb"
+    args = [
+        "train",
+        "--checkpoint",
+        str(ckpts["sd1"].path),
+        "--data",
+        str(images),
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    args += ["--resolution", "64", "--steps", "1", "--validation-every", "0", "--preview-every", "0"]
+    assert main([*args, "--name", "hlsd1", "--init-text", "a cat"]) == 0
+    assert main([*args, "--name", "hlxl", "--init-text", "a cat", "--recipe", "sdxl"]) == 0
+    sd1, xl = (
+        read_embedding(out / "hlsd1.safetensors").metadata,
+        read_embedding(out / "hlxl.safetensors").metadata,
+    )
+    assert (sd1["lr"], sd1["batch_size"], sd1["grad_accum"]) == ("5e-3", "2", "2")
+    assert (xl["lr"], xl["batch_size"], xl["grad_accum"]) == ("3e-3", "1", "4")

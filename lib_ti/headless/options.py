@@ -11,14 +11,14 @@ a TrainRequest field keeps its name (``batch_size`` / ``--batch-size``), except 
 from __future__ import annotations
 
 import argparse
-import sys
 import typing
-from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from lib_ti.errors import TIError, short_repr
+from lib_ti.headless.queue import read_toml
 from lib_ti.training.options import FIELD_TYPES, HELP, OPTION_FIELDS, choices, coerce, coerce_as
 from lib_ti.training.recipes import KIND_RECIPES
 from lib_ti.training.resume import POINT_EVERY_STEPS
@@ -132,26 +132,6 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in KNOWN_KEYS if getattr(args, k, None) is not None}
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover (3.10)
-        try:
-            import tomli as tomllib
-        except ImportError:
-            msg = "reading TOML on Python 3.10 needs tomli: pip install tomli"
-            raise TIError(msg) from None
-    try:
-        with open(path, "rb") as f:
-            return dict(tomllib.load(f))
-    except OSError as e:
-        msg = f"cannot read {path}: {e.strerror or e}"
-        raise TIError(msg) from None
-    except tomllib.TOMLDecodeError as e:
-        msg = f"{path}: not valid TOML ({e})"
-        raise TIError(msg) from None
-
-
 def check_keys(values: Mapping[str, Any], where: str) -> None:
     unknown = [k for k in values if k not in KNOWN_KEYS]
     if unknown:
@@ -161,7 +141,7 @@ def check_keys(values: Mapping[str, Any], where: str) -> None:
 
 def read_config(path: str | Path) -> dict[str, Any]:
     """A --config file: a flat table of options."""
-    values = read_toml(path)
+    values = read_toml(Path(path), "config file")
     check_keys(values, str(path))
     return values
 
@@ -206,25 +186,9 @@ def resolve(values: Mapping[str, Any], where: str = "the options") -> Resolved:
     return Resolved(opts, train)
 
 
-def merged(*layers: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for layer in layers:
-        out.update(layer)
-    return out
-
-
-def default_of(name: str) -> Any:
-    f = next(f for f in fields(RunOptions) if f.name == name)
-    return None if f.default is MISSING else f.default
-
-
 def log_dir_for(opts: RunOptions) -> Path:
     """Where logs go: --log-dir, else ``ti-logs`` beside the embeddings folder (never inside it, where a
     web UI would load the snapshots as embeddings)."""
     if opts.log_dir:
         return Path(opts.log_dir)
     return Path(opts.out).resolve().parent / "ti-logs"
-
-
-def describe(values: Sequence[str]) -> str:
-    return ", ".join(values)

@@ -110,7 +110,7 @@ def _toml_module(version: tuple[int, int] = (sys.version_info[0], sys.version_in
     try:
         return importlib.import_module(name)
     except ImportError:
-        msg = "reading a queue file on Python 3.10 needs the tomli package: pip install tomli"
+        msg = "reading TOML files on Python 3.10 needs the tomli package: pip install tomli"
         raise QueueError(msg) from None
 
 
@@ -121,21 +121,15 @@ def _unknown(key: str, known: Iterable[str], where: str, source: str) -> QueueEr
     return QueueError(f"{source}: {where}: unknown key {key!r}{hint}; the known keys are {', '.join(known)}")
 
 
-def load_queue(path: str | os.PathLike[str], known_keys: Collection[str]) -> list[QueueJob]:
-    """The jobs of the queue file ``path``, in file order.
-
-    ``known_keys`` are the options a job may set (a run's long command-line flags with ``_`` for ``-``);
-    ``name`` and ``data`` are always allowed. Relative paths are left as written: resolve them with
-    :meth:`QueueJob.path`. Every problem is a :class:`QueueError` naming the file and the job.
-    """
-    path = Path(path)
+def read_toml(path: Path, what: str = "file") -> dict[str, Any]:
+    """A TOML file's tables (UTF-8, a byte-order mark allowed); :class:`QueueError` naming the file."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        msg = f"queue file {path} not found"
+        msg = f"{what} {path} not found"
         raise QueueError(msg) from None
     except OSError as e:
-        msg = f"could not read the queue file {path}: {e.strerror or e}"
+        msg = f"could not read the {what} {path}: {e.strerror or e}"
         raise QueueError(msg) from None
     try:
         text = raw.decode("utf-8-sig")
@@ -148,6 +142,19 @@ def load_queue(path: str | os.PathLike[str], known_keys: Collection[str]) -> lis
     except toml.TOMLDecodeError as e:
         msg = f"{path} is not valid TOML: {e}"
         raise QueueError(msg) from None
+
+    return data
+
+
+def load_queue(path: str | os.PathLike[str], known_keys: Collection[str]) -> list[QueueJob]:
+    """The jobs of the queue file ``path``, in file order.
+
+    ``known_keys`` are the options a job may set (a run's long command-line flags with ``_`` for ``-``);
+    ``name`` and ``data`` are always allowed. Relative paths are left as written: resolve them with
+    :meth:`QueueJob.path`. Every problem is a :class:`QueueError` naming the file and the job.
+    """
+    path = Path(path)
+    data = read_toml(path, "queue file")
 
     for key in data:
         if key not in _TOP_LEVEL:
