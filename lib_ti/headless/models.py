@@ -195,8 +195,32 @@ def _clip_config(state: dict[str, torch.Tensor], act: str, projection: int | Non
     )
 
 
-def _load_into(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> nn.Module:
-    missing, unexpected = model.load_state_dict(state, strict=False)
+def _built(make: Callable[[], nn.Module], state: dict[str, torch.Tensor], what: str) -> nn.Module:
+    """``make()`` loaded with ``state``. The module is made on the meta device (no random initialisation
+    of weights the checkpoint replaces: seconds for SDXL) and takes the checkpoint's tensors as they are;
+    a buffer the checkpoint lacks (transformers' ``position_ids``) is made for real."""
+    try:
+        with torch.device("meta"):
+            model = make()
+    except (AttributeError, TypeError, RuntimeError):  # a torch without device contexts
+        return _load_into(make(), state, what)
+    _load_into(model, state, what, assign=True)
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            if leaf != "position_ids":
+                return _load_into(make(), state, what)  # unknown buffers: the plain way
+            ids = torch.arange(buf.shape[-1]).expand(buf.shape)
+            owner.register_buffer(leaf, ids, persistent=leaf in owner.state_dict())
+    return model
+
+
+def _load_into(
+    model: nn.Module, state: dict[str, torch.Tensor], what: str, *, assign: bool = False
+) -> nn.Module:
+    kwargs = {"assign": True} if assign else {}
+    missing, unexpected = model.load_state_dict(state, strict=False, **kwargs)
     missing = [k for k in missing if not k.endswith("position_ids")]
     unexpected = [k for k in unexpected if not k.endswith("position_ids")]
     if missing or unexpected:
@@ -211,7 +235,8 @@ def _clip_l(ckpt: Checkpoint, prefix: str, sfu: Any) -> nn.Module:
     sub = {k: v for k, v in ckpt.state.items() if k.startswith(prefix)}
     state = sfu.convert_ldm_clip_checkpoint(sub)
     state = {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in state.items()}
-    return _load_into(CLIPTextModel(_clip_config(state, "quick_gelu", None)), state, "CLIP-L")
+    config = _clip_config(state, "quick_gelu", None)
+    return _built(lambda: CLIPTextModel(config), state, "CLIP-L")
 
 
 def _open_clip(ckpt: Checkpoint, prefix: str, sfu: Any, with_projection: bool) -> nn.Module:
@@ -228,7 +253,7 @@ def _open_clip(ckpt: Checkpoint, prefix: str, sfu: Any, with_projection: bool) -
             state = {k: v for k, v in state.items() if not k.startswith(f"text_model.encoder.layers.{last}.")}
     config = _clip_config(state, "gelu", projection if with_projection else None)
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return _load_into(cls(config), state, "OpenCLIP text encoder")
+    return _built(lambda: cls(config), state, "OpenCLIP text encoder")
 
 
 def _count_blocks(ckpt: Checkpoint, prefix: str) -> int:
@@ -268,12 +293,12 @@ def from_checkpoint(ckpt: Checkpoint, opts: LoadOptions) -> Model:
             unet_config["attention_head_dim"] = heads
         if ckpt.family == "sdxl":
             unet_config["addition_time_embed_dim"] = 256
-        unet = diffusers.UNet2DConditionModel(**unet_config)
-        _load_into(unet, sfu.convert_ldm_unet_checkpoint(ckpt.state, unet_config), "UNet")
+        unet_state = sfu.convert_ldm_unet_checkpoint(ckpt.state, unet_config)
+        unet = _built(lambda: diffusers.UNet2DConditionModel(**unet_config), unet_state, "UNet")
         scale = float(params.get("scale_factor", 0.18215))
         vae_config = sfu.create_vae_diffusers_config_from_ldm(config, ckpt.state, scaling_factor=scale)
-        vae = diffusers.AutoencoderKL(**vae_config)
-        _load_into(vae, sfu.convert_ldm_vae_checkpoint(ckpt.state, vae_config), "VAE")
+        vae_state = sfu.convert_ldm_vae_checkpoint(ckpt.state, vae_config)
+        vae = _built(lambda: diffusers.AutoencoderKL(**vae_config), vae_state, "VAE")
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         msg = (
             f"{ckpt.path.name}: cannot build the UNet/VAE from {ckpt.config_source} ({type(e).__name__}: {e})"
