@@ -412,10 +412,11 @@ def main() -> None:
         a, b = timed(kind, args.repeats, args.threads)
         ma, mb = statistics.median(a), statistics.median(b)
         ratios[kind] = mb / ma
-        spread = max(y / x for x, y in zip(a, b)) - min(y / x for x, y in zip(a, b))
+        pairs = [y / x for x, y in zip(a, b)]
         print(
             f"{kind}: minimal step {ma:.3f} s, headless trainer step {mb:.3f} s, ratio {mb / ma:.3f} "
-            f"(pairwise spread {spread:.3f}; {args.repeats} repeats, {args.threads} threads)"
+            f"(pairwise b/a median {statistics.median(pairs):.3f}, range {min(pairs):.3f}..{max(pairs):.3f}; "
+            f"{args.repeats} repeats, {args.threads} threads)"
         )
     diff = float("nan")
     if not args.no_dp:

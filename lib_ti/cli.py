@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lib_ti import __version__
 from lib_ti.embedding import KIND_LABELS, Embedding
-from lib_ti.errors import TIError
+from lib_ti.errors import TIError, WriteFailed
 from lib_ti.headless.command import train_command
 from lib_ti.headless.options import add_arguments as add_train_arguments
 from lib_ti.io.bundles import (
@@ -39,6 +39,7 @@ from lib_ti.io.formats import (
 from lib_ti.stats import compare, embedding_stats
 
 EXIT_OK = 0
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 
@@ -274,6 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except WriteFailed as e:  # a file could not be written: the run failed, the input was fine
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except (TIError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

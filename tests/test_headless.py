@@ -191,7 +191,7 @@ def test_bad_checkpoints_are_refused(tmp_path, content, message):
     if isinstance(content, bytes):
         path.write_bytes(content)
     elif content == "refiner":
-        save_file({"conditioner.embedders.1.model.ln_final.weight": torch.ones(2)}, str(path))
+        save_file({"conditioner.embedders.0.model.ln_final.weight": torch.ones(2)}, str(path))
     else:
         save_file({"some.weight": torch.ones(2)}, str(path))
     with pytest.raises(CheckpointError, match=message):
@@ -271,7 +271,7 @@ def test_train_writes_the_tabs_files(ckpts, images, tmp_path, kind):
     assert (emb.kind, emb.num_vectors, emb.step) == (kind, 3, 4)
     assert emb.sd_checkpoint == read_sha(ckpts[kind].path)
     assert emb.metadata["trainer"].startswith("lib_ti")
-    logs = tmp_path / "ti-logs" / "hlcat"
+    logs = tmp_path / "textual_inversion_ti" / "hlcat"
     assert (logs / "hlcat-2.safetensors").is_file()
     assert (logs / "hlcat.pt").is_file()
     rows = (logs / "hlcat.csv").read_text(encoding="utf-8").splitlines()
@@ -371,11 +371,13 @@ def test_queue_resumes_a_stopped_job(ckpts, images, tmp_path, capsys):
     """A job stopped at step 2 (its resume file says so) is resumed, not restarted, by the next run."""
     q = write_queue(tmp_path, ckpts["sd1"], images)
     assert main(["train", "--queue", str(q), "--steps", "2"]) == 1  # flags override every job
-    info = tmp_path / "ti-logs" / "qa" / "qa.resume.safetensors"
+    info = tmp_path / "textual_inversion_ti" / "qa" / "qa.resume.safetensors"
     assert read_info_file(info).state == "finished"
     # a longer queue: the finished 2-step job counts as finished; a stopped one is what resumes
     stop_at = run_until_stopped(ckpts["sd1"], images, tmp_path / "emb", "qd", steps=30)
-    assert read_info_file(tmp_path / "ti-logs" / "qd" / "qd.resume.safetensors").state == "stopped"
+    assert (
+        read_info_file(tmp_path / "textual_inversion_ti" / "qd" / "qd.resume.safetensors").state == "stopped"
+    )
     q2 = write_queue(
         tmp_path, ckpts["sd1"], images,
         extra=f'\n[[job]]\nname = "qd"\ndata = "{images.as_posix()}"\ninit_text = "x"\nsteps = 30\n',
@@ -395,7 +397,7 @@ def run_until_stopped(ckpt, images, out, name, steps):
     proc = subprocess.Popen(
         [sys.executable, "-c", SHIM, *args], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
     )
-    log = out.parent / "ti-logs" / name / f"{name}.csv"
+    log = out.parent / "textual_inversion_ti" / name / f"{name}.csv"
     deadline = time.time() + 120
     while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 3):
         time.sleep(0.2)
@@ -417,7 +419,7 @@ def test_ctrl_c_saves_and_exits_130(ckpts, images, tmp_path):
     out = tmp_path / "emb"
     step = run_until_stopped(ckpts["sd1"], images, out, "hlc", steps=200)
     assert 2 <= step < 200
-    info = read_info_file(tmp_path / "ti-logs" / "hlc" / "hlc.resume.safetensors")
+    info = read_info_file(tmp_path / "textual_inversion_ti" / "hlc" / "hlc.resume.safetensors")
     assert (info.state, info.step) == ("stopped", step)
     resumed = base_args(ckpts["sd1"], images, out, "--name", "hlc", "--resume", "--quiet")
     assert main([*resumed, "--steps", str(step + 2)]) == 0
@@ -529,3 +531,54 @@ def test_recipe_flag_picks_another_kinds_defaults(ckpts, images, tmp_path):
     )
     assert (sd1["lr"], sd1["batch_size"], sd1["grad_accum"]) == ("5e-3", "2", "2")
     assert (xl["lr"], xl["batch_size"], xl["grad_accum"]) == ("3e-3", "1", "4")
+
+
+def test_inpainting_checkpoints_are_refused_at_load(ckpts, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(ckpts["sd1"].path))
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    state[key] = torch.zeros(state[key].shape[0], 9, *state[key].shape[2:])
+    path = tmp_path / "inpaint.safetensors"  # no yaml beside it: the shapes say 9 channels
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match="9 input channels"):
+        load_model(str(path), LoadOptions())
+
+
+def test_whole_numbers_given_as_text_stay_exact():
+    from lib_ti.training.options import coerce
+
+    assert coerce("seed", "9007199254740993") == 9007199254740993
+    assert resolve({"seed": "9007199254740993"}).train["seed"] == 9007199254740993
+
+
+def test_queue_refuses_per_job_flags(tmp_path, capsys):
+    (tmp_path / "q.toml").write_text('[[job]]\nname = "a"\ndata = "d"\n', encoding="utf-8")
+    assert main(["train", "--queue", str(tmp_path / "q.toml"), "--name", "x"]) == 2
+    assert "--name with --queue" in capsys.readouterr().err
+
+
+def test_queue_never_overwrites_a_file_it_did_not_make(ckpts, images, tmp_path, capsys):
+    """A foreign embedding of a job's name is refused with init_text and trained further without it; a
+    finished job whose file was deleted is trained again."""
+    from lib_ti.embedding import Embedding
+    from lib_ti.io.formats import write_embedding
+
+    (tmp_path / "emb").mkdir()
+    foreign = Embedding("qa", {"clip_l": torch.randn(3, 768)})  # a downloaded file: no step, no recipe
+    write_embedding(foreign, tmp_path / "emb" / "qa.safetensors")
+    q = write_queue(tmp_path, ckpts["sd1"], images)
+    assert main(["train", "--queue", str(q)]) == 1
+    err = capsys.readouterr().err
+    assert "no run of this queue made it" in err
+    kept = read_embedding(tmp_path / "emb" / "qa.safetensors")
+    assert kept.num_vectors == 3 and torch.equal(kept.vectors["clip_l"], foreign.vectors["clip_l"])
+    q.write_text(q.read_text().replace('init_text = "a cat"\n', ""), encoding="utf-8")
+    assert main(["train", "--queue", str(q)]) == 1  # qb still fails
+    trained = read_embedding(tmp_path / "emb" / "qa.safetensors")
+    assert (trained.num_vectors, trained.step) == (3, 3)
+    (tmp_path / "emb" / "qc.safetensors").unlink()  # a finished result deleted: train it again
+    capsys.readouterr()
+    assert main(["train", "--queue", str(q)]) == 1
+    assert "qc: starting" in capsys.readouterr().err
+    assert read_embedding(tmp_path / "emb" / "qc.safetensors").step == 2

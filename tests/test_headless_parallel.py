@@ -65,7 +65,8 @@ init_text = "a dog"
         assert (emb.step, emb.sd_checkpoint) == (3, read_sha(ckpts["sd1"].path))
     started = {line.split("]")[0] + "]": line for line in r.stderr.splitlines() if ": starting [" in line}
     assert set(started) == {"[rank 0]", "[rank 1]"}, r.stderr[-3000:]  # one job each
-    assert r.stderr.count("claimed by another process") == 2
+    assert r.stderr.count("pa: starting [") == 1 and r.stderr.count("pb: starting [") == 1  # once each
+    assert "claimed by another process" in r.stderr
     # run again: both finished, nothing trained
     r2 = torchrun(["train", "--queue", str(q)], tmp_path)
     assert r2.returncode == 0, r2.stderr[-3000:]
@@ -106,3 +107,37 @@ def test_jobs_mode_without_a_queue_is_refused(mode, tmp_path):
     r = torchrun(["train", "--parallel", mode, "--name", "x", "--data", "."], tmp_path)
     assert r.returncode != 0
     assert "--queue" in r.stderr
+
+
+def test_data_mode_queue_fails_a_job_together_and_goes_on(ckpts, images, tmp_path):  # noqa: F811
+    """A job that cannot start (no init text, no file) fails on both processes at once, without a hang,
+    and the next job trains."""
+    q = tmp_path / "jobs.toml"
+    q.write_text(
+        f"""
+[defaults]
+checkpoint = "{ckpts["sd1"].path.as_posix()}"
+data = "{images.as_posix()}"
+resolution = 64
+steps = 2
+batch_size = 2
+grad_accum = 1
+validation_every = 0
+preview_every = 0
+out = "emb"
+parallel = "data"
+
+[[job]]
+name = "da"
+
+[[job]]
+name = "db"
+init_text = "a dog"
+""",
+        encoding="utf-8",
+    )
+    r = torchrun(["train", "--queue", str(q)], tmp_path)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.stderr.count("da: failed") == 2  # both ranks, the same reason
+    assert "give --init-text to create it" in r.stderr
+    assert read_embedding(tmp_path / "emb" / "db.safetensors").step == 2

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 
 from lib_ti.errors import TIError
+from lib_ti.io.atomic import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,10 @@ SD1_CLIP = "cond_stage_model.transformer."
 SD2_CLIP = "cond_stage_model.model."
 XL_CLIP_L = "conditioner.embedders.0.transformer."
 XL_CLIP_G = "conditioner.embedders.1.model."
+#: an SDXL refiner's only text encoder (CLIP-G, first)
+REFINER_CLIP_G = "conditioner.embedders.0.model."
+#: the marker key v-prediction SDXL fine-tunes carry (Forge and ComfyUI read it)
+V_PRED_KEY = "v_pred"
 #: latent scale factors of the families (sgm's SDXL VAE; ldm's SD1/SD2)
 SCALE_FACTOR = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -80,9 +85,12 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 
 def family_of(state: Mapping[str, torch.Tensor]) -> Family:
     """SD1, SD2 or SDXL from the text encoders' keys; CheckpointError for anything else."""
+    if any(k.startswith(REFINER_CLIP_G) for k in state):
+        msg = "this is an SDXL refiner (CLIP-G only): refiners cannot be trained; use an SDXL base model"
+        raise CheckpointError(msg)
     if any(k.startswith(XL_CLIP_G) for k in state):
         if not any(k.startswith(XL_CLIP_L) for k in state):
-            msg = "this is an SDXL refiner (CLIP-G only): refiners cannot be trained; use an SDXL base model"
+            msg = "this SDXL checkpoint has no CLIP-L text encoder (conditioner.embedders.0)"
             raise CheckpointError(msg)
         return "sdxl"
     if any(k.startswith(SD2_CLIP) for k in state):
@@ -120,8 +128,8 @@ def short_hash(path: Path) -> str:
     cache[key] = value
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        cache_file.write_text(json.dumps(cache), encoding="utf-8")
-    except OSError as e:
+        atomic_write_bytes(cache_file, json.dumps(cache).encode("utf-8"))
+    except (OSError, TIError) as e:
         logger.debug("cannot keep the hash cache %s: %s", cache_file, e)
     return value
 

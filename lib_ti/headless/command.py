@@ -33,6 +33,10 @@ def train_command(args: argparse.Namespace) -> int:
     config = read_config(args.config) if args.config else {}
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if args.queue:
+        per_job = [f"--{k.replace('_', '-')}" for k in ("name", "data", "init_text") if k in flags]
+        if per_job:
+            msg = f"{', '.join(per_job)} with --queue would give every job the same value: set it in the jobs"
+            raise TIError(msg)
         return run_queue_command(Path(args.queue), config, flags, world)
     values: dict[str, Any] = {**config, **flags}
     resolved = resolve(values, "the options")
@@ -69,7 +73,7 @@ def train_data_parallel(resolved: Resolved) -> int:
                 interrupts=interrupts,
                 shard=dist.shard(),
                 device=str(dist.device),
-                on_ready=dist.barrier,
+                agree=dist.from_main,
             )
         if dist.main:
             sys.stderr.write(_describe(outcome) + "\n")

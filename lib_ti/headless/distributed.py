@@ -10,6 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,12 @@ class Distributed:
             dist.barrier(device_ids=[self.local_rank])
         else:
             dist.barrier()
+
+    def from_main(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every process (any picklable object; one broadcast)."""
+        box = [value if self.main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def close(self) -> None:
         """Destroy the process group (nothing when it is gone already)."""

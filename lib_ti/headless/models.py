@@ -28,6 +28,7 @@ from lib_ti.errors import TIError
 from lib_ti.headless.checkpoint import (
     SD1_CLIP,
     SD2_CLIP,
+    V_PRED_KEY,
     XL_CLIP_G,
     XL_CLIP_L,
     Checkpoint,
@@ -243,14 +244,19 @@ def _open_clip(ckpt: Checkpoint, prefix: str, sfu: Any, with_projection: bool) -
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     proj = ckpt.state.get(prefix + "text_projection")
+    width = int(ckpt.state[prefix + "token_embedding.weight"].shape[1])
     projection = int(proj.shape[1]) if proj is not None else None
-    holder = type("_Config", (), {"config": type("_C", (), {"projection_dim": projection})()})()
+    # diffusers splits the attention's in_proj by this width when the file has no text projection
+    holder = type("_Config", (), {"config": type("_C", (), {"projection_dim": projection or width})()})()
     state = sfu.convert_open_clip_checkpoint(holder, ckpt.state, prefix=prefix)
-    if not with_projection:  # SD2: the layers up to the penultimate (diffusers drops a 24th itself)
+    if not with_projection:
+        # SD2: the web UI builds OpenCLIP-H with 24 blocks and conditions on the 23rd (a file may hold 23
+        # or 24 of them; diffusers drops a 24th itself); other towers: all but their last block
+        count = _count_blocks(ckpt, prefix)
+        keep = (24 if width == 1024 and count in (23, 24) else count) - 1
         state.pop("text_projection.weight", None)
-        last = max(int(k.split(".")[3]) for k in state if k.startswith("text_model.encoder.layers."))
-        if last + 1 == _count_blocks(ckpt, prefix):
-            state = {k: v for k, v in state.items() if not k.startswith(f"text_model.encoder.layers.{last}.")}
+        drop = tuple(f"text_model.encoder.layers.{i}." for i in range(keep, count))
+        state = {k: v for k, v in state.items() if not k.startswith(drop)}
     config = _clip_config(state, "gelu", projection if with_projection else None)
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     return _built(lambda: cls(config), state, "OpenCLIP text encoder")
@@ -293,6 +299,12 @@ def from_checkpoint(ckpt: Checkpoint, opts: LoadOptions) -> Model:
             unet_config["attention_head_dim"] = heads
         if ckpt.family == "sdxl":
             unet_config["addition_time_embed_dim"] = 256
+        if unet_config["in_channels"] != 4:
+            msg = (
+                f"{ckpt.path.name}: its UNet takes {unet_config['in_channels']} input channels (an inpainting, "
+                "instruct-pix2pix or depth model); train on the base model the embedding is meant for"
+            )
+            raise CheckpointError(msg)
         unet_state = sfu.convert_ldm_unet_checkpoint(ckpt.state, unet_config)
         unet = _built(lambda: diffusers.UNet2DConditionModel(**unet_config), unet_state, "UNet")
         scale = float(params.get("scale_factor", 0.18215))
@@ -322,7 +334,7 @@ def from_checkpoint(ckpt: Checkpoint, opts: LoadOptions) -> Model:
         scale,
         _alphas(params),
         opts,
-        opts.prediction or _prediction_from_config(config),
+        opts.prediction or ("v" if V_PRED_KEY in ckpt.state else _prediction_from_config(config)),
         ckpt.short_hash,
         ckpt.name,
     )
@@ -364,8 +376,8 @@ def from_diffusers_folder(folder: Path, opts: LoadOptions) -> Model:
     alphas = torch.cumprod(1 - betas**2, dim=0).float()
     prediction = opts.prediction or ("v" if scheduler.get("prediction_type") == "v_prediction" else "eps")
     tokenizer = CLIPTokenizer.from_pretrained(part("tokenizer"))
-    model_index = folder / "model_index.json"
-    digest = short_hash(model_index) if model_index.is_file() else ""
+    weights = sorted((folder / "unet").glob("*.safetensors")) or sorted((folder / "unet").glob("*.bin"))
+    digest = short_hash(weights[0]) if weights else ""  # the UNet's weights tell fine-tunes apart
     return _finish(
         family,
         unet,
@@ -433,12 +445,11 @@ def _finish(
 
 @torch.no_grad()
 def detect_v_prediction(model: Model) -> Prediction:
-    """SD2 768-v or 512-base: run the UNet at the last timestep on a flat latent, as the web UI does
-    (an eps model predicts about the input there; a v model about its negative)."""
+    """SD2 768-v or 512-base: the web UI's probe (the UNet at the last timestep on a flat latent with a
+    flat 2-token context; an eps model predicts about the input there, a v model far below it)."""
     unet = model.unet
     x = torch.full((1, 4, 8, 8), 0.5, device=model.device, dtype=model.dtype)
-    width = unet.config.cross_attention_dim
-    context = torch.zeros((1, 77, width), device=model.device, dtype=model.dtype)
+    context = torch.full((1, 2, unet.config.cross_attention_dim), 0.5, device=model.device, dtype=model.dtype)
     out = unet(x, torch.tensor([999], device=model.device), encoder_hidden_states=context).sample
     return "v" if float((out.float() - x.float()).mean()) < -1 else "eps"
 

@@ -66,7 +66,7 @@ RUN_HELP: dict[str, str] = {
     "init_text": "create the embedding from this text (when it does not exist yet)",
     "vectors": "vectors per token of a new embedding (0: 2)",
     "out": "the embeddings folder (your web UI's, to use the result there)",
-    "log_dir": "logs, snapshots, previews and resume files (default: ti-logs beside --out)",
+    "log_dir": "logs, snapshots, previews and resume files (default: textual_inversion_ti beside --out, the tab's)",
     "overwrite": "re-create an existing embedding from --init-text and start afresh",
     "format": "file format of the embedding",
     "pt_copy": "also write an A1111 .pt copy into the log folder",
@@ -186,9 +186,14 @@ def resolve(values: Mapping[str, Any], where: str = "the options") -> Resolved:
     return Resolved(opts, train)
 
 
+#: the tab's log folder in the web UI's data folder, beside its embeddings folder
+LOG_FOLDER = "textual_inversion_ti"
+
+
 def log_dir_for(opts: RunOptions) -> Path:
-    """Where logs go: --log-dir, else ``ti-logs`` beside the embeddings folder (never inside it, where a
-    web UI would load the snapshots as embeddings)."""
+    """Where logs go: --log-dir, else ``textual_inversion_ti`` beside the embeddings folder: the tab's
+    own when ``--out`` is a web UI's embeddings folder, so a run can be resumed in either (never inside
+    the embeddings folder, where a web UI would load the snapshots as embeddings)."""
     if opts.log_dir:
         return Path(opts.log_dir)
-    return Path(opts.out).resolve().parent / "ti-logs"
+    return Path(opts.out).resolve().parent / LOG_FOLDER

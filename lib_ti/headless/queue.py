@@ -393,7 +393,12 @@ def run_queue(
     """
     outcomes: list[JobOutcome] = []
     for i, job in enumerate(jobs):
-        earlier = state(job)
+        try:
+            earlier = state(job)
+        except Exception as e:  # an unreadable record fails this job only
+            outcomes.append(JobOutcome(job.name, "failed", message=_failure_message(e)))
+            log(f"{job.name}: failed: {outcomes[-1].message}")
+            continue
         if earlier is not None and earlier.status in DONE:
             log(f"{job.name}: already {earlier.status.replace('_', ' ')}, skipped")
             msg = earlier.message or f"{earlier.status.replace('_', ' ')} earlier"

@@ -32,6 +32,7 @@ from lib_ti.headless.run import (
     Interrupts,
     ModelCache,
     Outcome,
+    existing_embedding,
     file_service,
     queue_state,
     setup_logging,
@@ -52,11 +53,15 @@ STATUS = {
 }
 
 
+def _is_path(key: str, value: Any) -> bool:
+    if not isinstance(value, str) or not value:
+        return False
+    return key in PATH_KEYS or (key == "template" and value.lower().endswith(".txt"))
+
+
 def job_values(job: QueueJob, config: Mapping[str, Any], flags: Mapping[str, Any]) -> dict[str, Any]:
-    own = {
-        k: (str(job.path(v)) if k in PATH_KEYS and isinstance(v, str) and v else v)
-        for k, v in job.options.items()
-    }
+    """A job's options: the queue's (paths made relative to the queue file) over --config, under the flags."""
+    own = {k: (str(job.path(v)) if _is_path(k, v) else v) for k, v in job.options.items()}
     return {**config, **own, **flags}
 
 
@@ -78,24 +83,16 @@ def _earlier(resolved: Resolved) -> JobOutcome | None:
     name = str(resolved.train["embedding"])
     service = file_service(resolved.run)
     state = queue_state(service, name)
-    if state == "new":
+    found = existing_embedding(service, name)
+    if state == "new" or (state == "finished" and found is None):  # a deleted result: train it again
         return None
     info = read_info_file(service.resume_file(name))
     return JobOutcome(
         name,
         "finished" if state == "finished" else "stopped",
         steps=info.step,
-        file=str(service.find_embedding_file(name)) if state == "finished" else None,
+        file=str(found) if found is not None else None,
     )
-
-
-def _shared_run_id(rank: int) -> str:
-    """One id for every process of this launch (rank 0's), so claims of earlier launches count as stale."""
-    import torch.distributed as td
-
-    box = [uuid.uuid4().hex if rank == 0 else ""]
-    td.broadcast_object_list(box, src=0)
-    return str(box[0])
 
 
 def run_queue_command(path: Path, config: Mapping[str, Any], flags: Mapping[str, Any], world: int) -> int:
@@ -116,7 +113,7 @@ def run_queue_command(path: Path, config: Mapping[str, Any], flags: Mapping[str,
     try:
         setup_logging(dist.rank)
         if mode == "jobs":
-            run_id = _shared_run_id(dist.rank)
+            run_id = str(dist.from_main(uuid.uuid4().hex))
             claims = Claims(path.parent / f".{path.stem}.claims", run_id)
             return _run(jobs, resolved, claims=claims, device=str(dist.device), dist=None, quiet=True)
         return _run(jobs, resolved, claims=None, device=str(dist.device), dist=dist, quiet=dist.rank != 0)
@@ -142,7 +139,6 @@ def _run(
     def run_job(job: QueueJob) -> JobOutcome:
         r = resolved[job.name]
         console = Console(r.run.quiet if quiet is None else quiet, enabled=rank0)
-        on_ready = dist.barrier if dist is not None else None
         outcome = train_one(
             r,
             models=models,
@@ -151,8 +147,11 @@ def _run(
             queue_mode=True,
             shard=dist.shard() if dist is not None else None,
             device=device,
-            on_ready=on_ready,
+            agree=dist.from_main if dist is not None else None,
         )
+        if dist is not None and outcome.status == "error":  # one rank crashed: the others cannot go on
+            logger.error("%s: %s; ending this launch", job.name, outcome.message)
+            raise SystemExit(1)
         return _as_row(outcome)
 
     with interrupts.installed():

@@ -228,7 +228,8 @@ def file_service(opts: RunOptions) -> Service:
     )
 
 
-def _existing(service: Service, name: str) -> Path | None:
+def existing_embedding(service: Service, name: str) -> Path | None:
+    """The file of embedding ``name`` in the service's embeddings folder, or None."""
     try:
         return service.find_embedding_file(name)
     except EmbeddingNotFound:
@@ -238,7 +239,7 @@ def _existing(service: Service, name: str) -> Path | None:
 def prepare_embedding(service: Service, name: str, opts: RunOptions, resume: bool) -> str:
     """Make sure ``name`` exists for the run: create it from ``--init-text`` when it does not (or
     ``--overwrite``); what was done, for the log."""
-    found = _existing(service, name)
+    found = existing_embedding(service, name)
     if resume:
         return f"resuming {name}"
     if found is not None and not opts.overwrite:
@@ -273,6 +274,52 @@ def queue_state(service: Service, name: str) -> str:
     return "new"
 
 
+def _plan(
+    service: Service,
+    name: str,
+    given: dict[str, Any],
+    opts: RunOptions,
+    kind: str,
+    queue_mode: bool,
+    interrupts: Interrupts,
+) -> dict[str, Any]:
+    """What to do with the job, decided once (rank 0): {"resume": bool}, {"skip": why, "file": f},
+    {"stopped": True} or {"error": message}; the embedding exists when it says resume or train."""
+    try:
+        if queue_mode:
+            state = queue_state(service, name)
+            found = existing_embedding(service, name)
+            if state == "finished" and found is not None:
+                return {"skip": "finished earlier", "file": str(found)}
+            given = {**given, "resume": state == "stopped"}
+            if state != "stopped" and found is not None:
+                opts = _replace(opts, overwrite=_made_and_untrained(found, opts))
+        req = service.train_request(given, kind=kind)
+        check_folder(req.dataset_dir)  # before an embedding is made for it
+        if interrupts.requested:
+            return {"stopped": True}
+        logger.info("%s", prepare_embedding(service, name, opts, req.resume))
+        return {"resume": req.resume}
+    except TIError as e:
+        return {"error": str(e)}
+
+
+def _made_and_untrained(found: Path, opts: RunOptions) -> bool:
+    """Whether a queue may make ``found`` again from its init text: only a file Create made that no run
+    ever trained (a run of this queue cut off before its first resume point). Anything else is refused
+    with the reason when the job has an init text, and trained further from its vectors when not."""
+    emb = read_embedding(found)
+    if not opts.init_text:
+        return False
+    if emb.step == 0 and "init_mode" in emb.metadata:
+        return True
+    msg = (
+        f"{found} exists and no run of this queue made it: leave out init_text to train it further from its "
+        "vectors, or move the file away"
+    )
+    raise TIError(msg)
+
+
 def train_one(
     resolved: Resolved,
     *,
@@ -282,12 +329,13 @@ def train_one(
     queue_mode: bool = False,
     shard: Any = None,
     device: str = "",
-    on_ready: Callable[[], None] | None = None,
+    agree: Callable[[dict[str, Any] | None], dict[str, Any]] | None = None,
 ) -> Outcome:
     """Load (or reuse) the model, make the embedding if needed, and train it to the end.
 
     ``queue_mode``: a finished job is skipped, a stopped one resumed, a new one (re-)created.
-    ``on_ready``: called once the embedding exists (data-parallel ranks wait for rank 0 there).
+    ``agree``: under ``--parallel data``, gives every rank rank 0's plan for the job (made once the
+    embedding exists), so that all start it, skip it or fail it together.
     """
     opts, given = resolved.run, dict(resolved.train)
     name = str(given.get("embedding") or "")
@@ -301,34 +349,27 @@ def train_one(
     if not given.get("dataset_dir"):
         msg = "give the training images: --data FOLDER"
         raise TIError(msg)
+    stopped = Outcome(name, "stopped", message="stopped before training started")
+    if interrupts.requested:
+        return stopped
     model, parts = models.get(opts, device)
+    if interrupts.requested:
+        return stopped
     kind = model.kind if opts.recipe == "auto" else opts.recipe
     first = shard is None or getattr(shard, "rank", 0) == 0
     service = Service(host_services(model, parts, opts, console=console, interrupts=interrupts, shard=shard))
-    if queue_mode:
-        state = queue_state(service, name)
-        if state == "finished":
-            found = _existing(service, name)
-            return Outcome(name, "skipped", message="finished earlier", file=str(found) if found else None)
-        given["resume"] = state == "stopped"
-        found = _existing(service, name) if state == "new" else None
-        if found is not None:
-            step = read_embedding(found).step or 0
-            if step > 0:
-                msg = (
-                    f"{found} exists (trained {step} steps) but has no run record of this queue: rename the "
-                    "job, or move the file away"
-                )
-                raise TIError(msg)
-            opts = _replace(opts, overwrite=True)  # made by a run of this queue that never saved a step
+    plan = _plan(service, name, given, opts, kind, queue_mode, interrupts) if first else None
+    if agree is not None:
+        plan = agree(plan)  # rank 0's plan, on every rank: they start, skip or fail this job together
+    assert plan is not None
+    if plan.get("error"):
+        raise TIError(plan["error"])
+    if plan.get("skip"):
+        return Outcome(name, "skipped", message=plan["skip"], file=plan.get("file"))
+    if plan.get("stopped"):
+        return stopped
+    given["resume"] = plan["resume"]
     req = service.train_request(given, kind=kind)
-    check_folder(req.dataset_dir)  # before an embedding is made for it
-    if first:
-        logger.info("%s", prepare_embedding(service, name, opts, req.resume))
-    if on_ready is not None:
-        on_ready()
-    if interrupts.requested:
-        return Outcome(name, "stopped", message="stopped before training started")
     host = host_services(
         model,
         parts,

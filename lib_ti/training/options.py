@@ -149,6 +149,8 @@ def coerce_as(name: str, kind: Any, value: Any) -> Any:
         if kind is int:
             if isinstance(value, int):  # exactly, however large (a float would round it)
                 return int(value)
+            if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+                return int(value)
             number = float(value or 0)
             if not math.isfinite(number) or number != int(number):
                 msg = f"{name} must be a whole number (got {short_repr(value)})"
