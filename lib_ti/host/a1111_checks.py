@@ -57,23 +57,12 @@ def conditioning_parity(
 
 
 def host_conditioning(m: Any, prompts: list[str]) -> dict[str, Any]:
-    """The host's own conditioning of ``prompts`` (crossattn, and SDXL's pooled half of ``vector``) as
-    base64 safetensors, with the loaded checkpoint's file: what headless training must reproduce."""
-    import base64
-
+    """The host's own conditioning of ``prompts`` (:func:`checks.conditioning_answer`)."""
     from modules import devices
-    from safetensors.torch import save
 
     with torch.no_grad(), devices.autocast():
         host = m.get_learned_conditioning(prompts)
-    tensors = (
-        {"crossattn": host["crossattn"], "pooled": host["vector"][:, :1280]}
-        if isinstance(host, dict)
-        else {"crossattn": host}
-    )
-    data = save({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()})
-    info = getattr(m, "sd_checkpoint_info", None)
-    return {"file": getattr(info, "filename", ""), "tensors": base64.b64encode(data).decode("ascii")}
+    return checks.conditioning_answer(host, m)
 
 
 def gradient_check(

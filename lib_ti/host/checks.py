@@ -32,6 +32,19 @@ def one_backward(
     return {"vector_grad_abs_sum": grads, "seconds": time.perf_counter() - t0}
 
 
+def unet_inputs(kind: str, size: int = 8) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Seeded UNet inputs (latent, timestep, conditioning) of a model kind, the same in every process."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, size, size, generator=gen)
+    t = torch.tensor([500])
+    width = {"sdxl": 2048, "sd2": 1024}.get(kind, 768)
+    cond = {"crossattn": torch.randn(1, 77, width, generator=gen)}
+    if kind == "sdxl":
+        cond["pooled"] = torch.randn(1, 1280, generator=gen)
+        cond["time_ids"] = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]])
+    return x, t, cond
+
+
 def unet_parity(
     parts: ModelParts,
     theirs: Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor],
@@ -40,14 +53,7 @@ def unet_parity(
 ) -> dict[str, Any]:
     """Our gradient-safe UNet call (``parts.denoise``) against the host's own forward (``theirs``, run
     under inference mode as its sampler runs it), same weights and inputs; then a gradient to the context."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, size, size, generator=gen)
-    t = torch.tensor([500])
-    width = {"sdxl": 2048, "sd2": 1024}.get(parts.kind, 768)
-    cond = {"crossattn": torch.randn(1, 77, width, generator=gen)}
-    if parts.kind == "sdxl":
-        cond["pooled"] = torch.randn(1, 1280, generator=gen)
-        cond["time_ids"] = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]])
+    x, t, cond = unet_inputs(parts.kind, size)
     with torch.inference_mode():
         host = theirs(x, t, cond)
     host = host.clone().float()  # outside inference mode: a normal tensor
@@ -101,6 +107,22 @@ def batch_txt2img(body: dict) -> dict[str, Any]:
         "pixels": [hashlib.sha256(img.convert("RGB").tobytes()).hexdigest() for img in res.images],
         "infotexts": list(res.infotexts),
     }
+
+
+def conditioning_answer(host: Any, m: Any) -> dict[str, Any]:
+    """A host's conditioning (a tensor, or SDXL's dict with ``vector``) as base64 safetensors, with the
+    loaded checkpoint's file: what headless training must reproduce on that file."""
+    import base64
+
+    from safetensors.torch import save
+
+    if isinstance(host, dict):
+        tensors = {"crossattn": host["crossattn"], "pooled": host["vector"][:, :1280]}
+    else:
+        tensors = {"crossattn": host}
+    data = save({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()})
+    info = getattr(m, "sd_checkpoint_info", None)
+    return {"file": getattr(info, "filename", ""), "tensors": base64.b64encode(data).decode("ascii")}
 
 
 def add_routes(

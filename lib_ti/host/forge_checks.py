@@ -65,6 +65,13 @@ def conditioning_parity(m: Any, prompt: str, name: str | None) -> dict[str, Any]
 
 def unet_parity(m: Any, size: int = 8) -> dict[str, Any]:
     """Our gradient-safe UNet call against Forge's own forward on model ``m``, same weights and inputs."""
+    return checks.unet_parity(
+        build_parts(m), host_unet(m), lambda: grad_safe.trainable(training_modules(m)), size
+    )
+
+
+def host_unet(m: Any) -> Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]:
+    """Forge's own UNet forward on model ``m`` (loaded for it), as its sampler calls it."""
     load_for_training(m)
     net = unet_patcher(m).model.diffusion_model
 
@@ -76,7 +83,7 @@ def unet_parity(m: Any, size: int = 8) -> dict[str, Any]:
             y = torch.cat([cond["pooled"], flat[None]], dim=1)
         return net(x, t.float(), context=cond["crossattn"], y=y, control=None, transformer_options={})
 
-    return checks.unet_parity(build_parts(m), theirs, lambda: grad_safe.trainable(training_modules(m)), size)
+    return theirs
 
 
 def gradient_check(m: Any, vectors: dict[str, torch.Tensor], prompt: str, name: str) -> dict[str, Any]:
@@ -108,5 +115,21 @@ def add_check_routes(app: Any, service: Any, ensure_model: Callable[[], Any]) ->
     def unet(body: dict) -> Any:
         return unet_parity(ensure_model(), int(body.get("size", 8)))
 
+    def conditioning(body: dict) -> Any:
+        from modules.prompt_parser import SdConditioning
+
+        m = ensure_model()
+        prompts = [str(p) for p in body.get("prompts", [])]
+        with torch.no_grad():
+            host = m.get_learned_conditioning(SdConditioning(prompts, width=1024, height=1024))
+        answer = checks.conditioning_answer(host, m)
+        if body.get("unet"):  # the UNet's output on checks.unet_inputs, for a headless load of the file
+            x, t, cond = checks.unet_inputs(build_parts(m).kind)
+            with torch.inference_mode():
+                out = host_unet(m)(x, t, cond).float().cpu()
+            answer["unet"] = out.flatten().tolist()
+        return answer
+
     checks.add_routes(app, parity, gradient)
     app.add_api_route("/ti/v1/_checks/unet", unet, methods=["POST"])
+    app.add_api_route("/ti/v1/_checks/conditioning", conditioning, methods=["POST"])
