@@ -582,3 +582,20 @@ def test_queue_never_overwrites_a_file_it_did_not_make(ckpts, images, tmp_path, 
     assert main(["train", "--queue", str(q)]) == 1
     assert "qc: starting" in capsys.readouterr().err
     assert read_embedding(tmp_path / "emb" / "qc.safetensors").step == 2
+
+
+def test_gradient_checkpointing_trains_the_same_vectors(ckpts, images, tmp_path, monkeypatch):
+    import torch.utils.checkpoint as tuc
+
+    calls = []
+    real = tuc.checkpoint
+    monkeypatch.setattr(tuc, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    common = ["--name", "hlgc", "--init-text", "a cat", "--steps", "2", "--validation-every", "0"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(base_args(ckpts["sdxl"], images, a, *common)) == 0
+    assert not calls
+    assert main([*base_args(ckpts["sdxl"], images, b, *common), "--gradient-checkpointing"]) == 0
+    assert calls  # the UNet's blocks were recomputed
+    va, vb = read_embedding(a / "hlgc.safetensors"), read_embedding(b / "hlgc.safetensors")
+    for k in ("clip_l", "clip_g"):
+        assert torch.allclose(va.vectors[k], vb.vectors[k], atol=1e-6)

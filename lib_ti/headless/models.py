@@ -17,7 +17,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,7 +69,6 @@ class LoadOptions:
     prediction: str = ""
     #: SD1's "Clip skip" (1: the last layer)
     clip_skip: int = 1
-    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -91,7 +90,6 @@ class Model:
     device: torch.device
     dtype: torch.dtype
     clip_skip: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _diffusers() -> Any:
