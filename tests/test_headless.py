@@ -599,3 +599,16 @@ def test_gradient_checkpointing_trains_the_same_vectors(ckpts, images, tmp_path,
     va, vb = read_embedding(a / "hlgc.safetensors"), read_embedding(b / "hlgc.safetensors")
     for k in ("clip_l", "clip_g"):
         assert torch.allclose(va.vectors[k], vb.vectors[k], atol=1e-6)
+
+
+def test_ckpt_files_load_through_the_restricted_unpickler(ckpts, tmp_path):
+    """A ``.ckpt`` (torch pickle with a ``state_dict``, as old checkpoints are) gives the same model."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(ckpts["sd1"].path))
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": state, "global_step": 1}, path)
+    (tmp_path / "old.yaml").write_text(ldm_checkpoints.SD1_YAML, encoding="utf-8")
+    model = load_model(str(path), LoadOptions())
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 768)
+    assert torch.equal(model.unet(x, t, ctx).sample, ckpts["sd1"].unet(x, t, ctx).sample)
