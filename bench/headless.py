@@ -392,12 +392,33 @@ def dp_equal() -> tuple[float, float, str]:
 
 
 # ---------------------------------------------------------------------- main
+def load_times(checkpoint: str, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds to load ``checkpoint`` with the modules built on the meta device (the loader's way) and
+    built with random weights first (the plain way), interleaved."""
+    from lib_ti.headless import models
+
+    meta, plain = [], []
+    built = models._built
+    for _ in range(repeats):
+        for way, out in (
+            (built, meta),
+            (lambda make, state, what: models._load_into(make(), state, what), plain),
+        ):
+            models._built = way
+            t0 = time.perf_counter()
+            models.load_model(checkpoint, models.LoadOptions(prediction="eps"))
+            out.append(time.perf_counter() - t0)
+    models._built = built
+    return meta, plain
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--kinds", default="sd15,sdxl")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the timed processes")
     ap.add_argument("--no-dp", action="store_true", help="skip the data-parallel run")
+    ap.add_argument("--load", metavar="CKPT", help="also time loading this checkpoint: meta-device vs plain")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_grad_enabled(True)
@@ -426,6 +447,10 @@ def main() -> None:
             f"{DP_ARGS['grad_accum']}, 2 processes vs 1: max abs diff {diff:.3g} "
             f"(vectors moved {moved:.3g}; {status})"
         )
+    if args.load:
+        meta, plain = load_times(args.load, 3)
+        m, p = statistics.median(meta), statistics.median(plain)
+        print(f"headless_load: {Path(args.load).name} meta_s={m:.2f} plain_s={p:.2f} plain/meta={p / m:.2f}")
     print(f"total {time.perf_counter() - started:.0f} s")
     print(f"headless: step_ratio={max(ratios.values()):.3f} dp2_equal={diff:.3g}")
 
