@@ -542,20 +542,26 @@ class Service:
         validate_name(req.embedding)
         check_folder(req.dataset_dir)
         self.find_embedding_file(req.embedding)
+        if req.resume:
+            self._check_resume(req)
+        self.check_run(req)
+        return req
+
+    def check_run(self, req: TrainRequest) -> None:
+        """What a request needs besides its embedding (the folder and its images, the encoders, the
+        schedule, the template); raises TIError with the reason. Checked before a new embedding is made."""
+        check_folder(req.dataset_dir)
         if req.train_encoders != "all":
             keys = self.host.build_parts().prompt_encoder.keys
             if req.train_encoders not in keys:
                 msg = f"train_encoders {req.train_encoders!r}: the loaded model's encoders are {', '.join(keys)}"
                 raise TIError(msg)
-        if req.resume:
-            self._check_resume(req)
         images, _ = scan_images(req.dataset_dir)
         if not images:
             msg = f"no images (png, jpg, jpeg, webp) in {req.dataset_dir}"
             raise TIError(msg)
         LearningRateSchedule(ScheduleArgs(req.lr, req.lr_shape, req.warmup_steps), req.steps)
         self._templates(req.template)
-        return req
 
     def start_training(
         self, given: Mapping[str, Any] | TrainRequest, *, task_id: str = "", background: bool = True

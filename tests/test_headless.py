@@ -612,3 +612,15 @@ def test_ckpt_files_load_through_the_restricted_unpickler(ckpts, tmp_path):
     model = load_model(str(path), LoadOptions())
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 768)
     assert torch.equal(model.unet(x, t, ctx).sample, ckpts["sd1"].unet(x, t, ctx).sample)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [("--lr", "5e-3:abc", "learning rate schedule"), ("--template", "no-such-template", "unknown template")],
+)
+def test_a_bad_request_creates_nothing(ckpts, images, tmp_path, capsys, flag, value, message):
+    out = tmp_path / "emb"
+    args = base_args(ckpts["sd1"], images, out, "--name", "hlbad", "--init-text", "a cat", flag, value)
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "hlbad.safetensors").exists()

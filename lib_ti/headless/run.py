@@ -29,7 +29,6 @@ from lib_ti.hostinfo import HostServices
 from lib_ti.io.formats import read_embedding
 from lib_ti.parts import ModelParts
 from lib_ti.service import Service
-from lib_ti.training.images import check_folder
 from lib_ti.training.recipes import default_vectors
 from lib_ti.training.resume import read_info_file
 
@@ -295,7 +294,7 @@ def _plan(
             if state != "stopped" and found is not None:
                 opts = _replace(opts, overwrite=_made_and_untrained(found, opts))
         req = service.train_request(given, kind=kind)
-        check_folder(req.dataset_dir)  # before an embedding is made for it
+        service.check_run(req)  # before an embedding is made for it
         if interrupts.requested:
             return {"stopped": True}
         logger.info("%s", prepare_embedding(service, name, opts, req.resume))
