@@ -12,16 +12,17 @@ from typing import Any
 from lib_ti.errors import TIError
 from lib_ti.headless.distributed import init_from_env
 from lib_ti.headless.options import Resolved, given_options, read_config, resolve
+from lib_ti.headless.queue import JobOutcome, exit_code
 from lib_ti.headless.queue_command import run_queue_command
-from lib_ti.headless.run import Console, Interrupts, ModelCache, Outcome, setup_logging, train_one
+from lib_ti.headless.run import Console, Interrupts, ModelCache, setup_logging, train_one
 
 logger = logging.getLogger(__name__)
 
 
-def _describe(outcome: Outcome) -> str:
+def _describe(outcome: JobOutcome) -> str:
     parts = [f"{outcome.name}: {outcome.status}"]
-    if outcome.step is not None:
-        parts.append(f"step {outcome.step}/{outcome.steps}")
+    if outcome.steps is not None:
+        parts.append(f"step {outcome.steps}")
     if outcome.file:
         parts.append(outcome.file)
     return ", ".join(parts) + (f" ({outcome.message})" if outcome.message else "")
@@ -53,7 +54,7 @@ def train_command(args: argparse.Namespace) -> int:
             resolved, models=ModelCache(), console=Console(resolved.run.quiet), interrupts=interrupts
         )
     sys.stderr.write(_describe(outcome) + "\n")
-    return outcome.exit_code
+    return exit_code([outcome])
 
 
 def train_data_parallel(resolved: Resolved) -> int:
@@ -77,6 +78,6 @@ def train_data_parallel(resolved: Resolved) -> int:
             )
         if dist.main:
             sys.stderr.write(_describe(outcome) + "\n")
-        return outcome.exit_code
+        return exit_code([outcome])
     finally:
         dist.close()

@@ -31,7 +31,6 @@ from lib_ti.headless.run import (
     Console,
     Interrupts,
     ModelCache,
-    Outcome,
     existing_embedding,
     file_service,
     queue_state,
@@ -44,13 +43,6 @@ logger = logging.getLogger(__name__)
 
 #: options that name files or folders (relative to the queue file when they come from it)
 PATH_KEYS = ("checkpoint", "original_config", "data", "out", "log_dir")
-#: how a run's end shows in the summary
-STATUS = {
-    "finished": "finished",
-    "early_stopped": "early_stopped",
-    "stopped": "stopped",
-    "skipped": "skipped",
-}
 
 
 def _is_path(key: str, value: Any) -> bool:
@@ -63,20 +55,6 @@ def job_values(job: QueueJob, config: Mapping[str, Any], flags: Mapping[str, Any
     """A job's options: the queue's (paths made relative to the queue file) over --config, under the flags."""
     own = {k: (str(job.path(v)) if _is_path(k, v) else v) for k, v in job.options.items()}
     return {**config, **own, **flags}
-
-
-def _as_row(outcome: Outcome) -> JobOutcome:
-    status: Any = STATUS.get(outcome.status, "failed")
-    return JobOutcome(
-        outcome.name,
-        status,
-        steps=outcome.step,
-        loss=outcome.loss,
-        val_loss=outcome.val_loss,
-        file=outcome.file,
-        seconds=outcome.seconds,
-        message=outcome.message,
-    )
 
 
 def _earlier(resolved: Resolved) -> JobOutcome | None:
@@ -139,7 +117,7 @@ def _run(
     def run_job(job: QueueJob) -> JobOutcome:
         r = resolved[job.name]
         console = Console(r.run.quiet if quiet is None else quiet, enabled=rank0)
-        outcome = train_one(
+        return train_one(
             r,
             models=models,
             console=console,
@@ -149,10 +127,6 @@ def _run(
             device=device,
             agree=dist.from_main if dist is not None else None,
         )
-        if dist is not None and outcome.status == "error":  # one rank crashed: the others cannot go on
-            logger.error("%s: %s; ending this launch", job.name, outcome.message)
-            raise SystemExit(1)
-        return _as_row(outcome)
 
     with interrupts.installed():
         try:

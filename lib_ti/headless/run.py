@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -25,6 +25,7 @@ from lib_ti.errors import EmbeddingNotFound, TIError
 from lib_ti.headless.models import LoadOptions, Model, build_parts, load_model, release_vae
 from lib_ti.headless.options import Resolved, RunOptions, log_dir_for
 from lib_ti.headless.preview import make_preview
+from lib_ti.headless.queue import JobOutcome
 from lib_ti.hostinfo import HostServices
 from lib_ti.io.formats import read_embedding
 from lib_ti.parts import ModelParts
@@ -34,28 +35,8 @@ from lib_ti.training.resume import read_info_file
 
 logger = logging.getLogger(__name__)
 
-#: exit codes: done (finished or early-stopped), failed, stopped by Ctrl-C after saving
-EXIT_DONE, EXIT_FAILED, EXIT_STOPPED = 0, 1, 130
-EXIT_FOR_STATE = {"finished": EXIT_DONE, "early_stopped": EXIT_DONE, "stopped": EXIT_STOPPED}
-
-
-@dataclass
-class Outcome:
-    """How one run ended (the queue's summary row)."""
-
-    name: str
-    status: str
-    step: int | None = None
-    steps: int | None = None
-    loss: float | None = None
-    val_loss: float | None = None
-    file: str | None = None
-    seconds: float = 0.0
-    message: str = ""
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_FOR_STATE.get(self.status, EXIT_FAILED)
+#: the training job's end states that a run's outcome keeps (any other is "failed")
+KEPT_STATES = ("finished", "early_stopped", "stopped")
 
 
 class Interrupts:
@@ -329,7 +310,7 @@ def train_one(
     shard: Any = None,
     device: str = "",
     agree: Callable[[dict[str, Any] | None], dict[str, Any]] | None = None,
-) -> Outcome:
+) -> JobOutcome:
     """Load (or reuse) the model, make the embedding if needed, and train it to the end.
 
     ``queue_mode``: a finished job is skipped, a stopped one resumed, a new one (re-)created.
@@ -348,7 +329,7 @@ def train_one(
     if not given.get("dataset_dir"):
         msg = "give the training images: --data FOLDER"
         raise TIError(msg)
-    stopped = Outcome(name, "stopped", message="stopped before training started")
+    stopped = JobOutcome(name, "stopped", message="stopped before training started")
     if interrupts.requested:
         return stopped
     model, parts = models.get(opts, device)
@@ -364,7 +345,7 @@ def train_one(
     if plan.get("error"):
         raise TIError(plan["error"])
     if plan.get("skip"):
-        return Outcome(name, "skipped", message=plan["skip"], file=plan.get("file"))
+        return JobOutcome(name, "skipped", message=plan["skip"], file=plan.get("file"))
     if plan.get("stopped"):
         return stopped
     given["resume"] = plan["resume"]
@@ -382,11 +363,13 @@ def train_one(
     service = Service(host)
     job = service.start_training(req, background=False)
     st = job.status
-    outcome = Outcome(
+    if shard is not None and st.state == "error":  # a crash on this rank only: the others cannot go on
+        logger.error("%s: %s; ending this launch", name, st.message)
+        raise SystemExit(1)
+    outcome = JobOutcome(
         name,
-        st.state,
-        step=st.step,
-        steps=st.total,
+        st.state if st.state in KEPT_STATES else "failed",  # type: ignore[arg-type]
+        steps=st.step,
         loss=st.loss_smooth,
         val_loss=st.val_loss,
         file=st.file,
