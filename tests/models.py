@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import gzip
 import json
 from pathlib import Path
 
@@ -46,36 +45,20 @@ def tokenizer_dir() -> Path:
     """vocab.json + merges.txt for transformers' slow CLIPTokenizer, from open_clip's bundled BPE file."""
     import tempfile
 
-    oc = open_clip_module()
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from lib_ti.headless.models import write_clip_vocabulary
 
-    with gzip.open(default_bpe()) as f:
-        lines = f.read().decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    vocab = list(bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    assert len(vocab) == 49408
+    open_clip_module()
     out = Path(tempfile.mkdtemp(prefix="ti-clip-tok-"))
-    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    del oc
+    vocab_file, _ = write_clip_vocabulary(out)
+    assert len(json.loads(vocab_file.read_text(encoding="utf-8"))) == 49408
     return out
 
 
 @functools.lru_cache(maxsize=1)
 def hf_tokenizer():
-    from transformers import CLIPTokenizer
+    from lib_ti.headless.models import clip_tokenizer
 
-    d = tokenizer_dir()
-    return CLIPTokenizer(
-        str(d / "vocab.json"),
-        str(d / "merges.txt"),
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-    )
+    return clip_tokenizer(tokenizer_dir())
 
 
 def open_clip_tokenizer():

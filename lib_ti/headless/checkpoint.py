@@ -106,11 +106,17 @@ def family_of(state: Mapping[str, torch.Tensor]) -> Family:
     raise CheckpointError(msg)
 
 
+def cache_dir() -> Path:
+    """Where headless training keeps what it computes once (hashes, the tokenizer files): ``LIB_TI_CACHE``,
+    else ``~/.cache/lib_ti``."""
+    return Path(os.environ.get("LIB_TI_CACHE", Path.home() / ".cache" / "lib_ti"))
+
+
 def short_hash(path: Path) -> str:
     """The web UI's short hash of a file (sha256, 10 hex digits), cached by path, size and mtime."""
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    cache_file = Path(os.environ.get("LIB_TI_CACHE", Path.home() / ".cache" / "lib_ti")) / "hashes.json"
+    cache_file = cache_dir() / "hashes.json"
     try:
         cache = json.loads(cache_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):

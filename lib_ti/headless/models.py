@@ -15,7 +15,6 @@ import gzip
 import importlib.util
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +33,11 @@ from lib_ti.headless.checkpoint import (
     Checkpoint,
     CheckpointError,
     Family,
+    cache_dir,
     load_checkpoint,
     short_hash,
 )
+from lib_ti.io.atomic import atomic_write_bytes
 from lib_ti.parts import LatentDist, ModelParts, Prediction
 from lib_ti.text.encoders import (
     EncoderSettings,
@@ -128,29 +129,34 @@ def _bpe_file() -> Path:
     raise TIError(msg)
 
 
-def clip_tokenizer() -> Any:
+def write_clip_vocabulary(folder: Path) -> tuple[Path, Path]:
+    """``vocab.json`` and ``merges.txt`` of the CLIP BPE vocabulary in ``folder`` (made once, from
+    open_clip's copy): what transformers' CLIPTokenizer reads."""
+    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+    if vocab_file.is_file() and merges_file.is_file():
+        return vocab_file, merges_file
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    with gzip.open(_bpe_file()) as f:
+        lines = f.read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(merges_file, ("#version: 0.2\n" + "\n".join(merges) + "\n").encode("utf-8"))
+    atomic_write_bytes(
+        vocab_file, json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False).encode("utf-8")
+    )
+    return vocab_file, merges_file
+
+
+def clip_tokenizer(folder: Path | None = None) -> Any:
     """transformers' CLIPTokenizer over the CLIP BPE vocabulary, as the web UI's CLIP-L uses it (offline:
-    vocab.json and merges.txt are written once from open_clip's copy into ``~/.cache/lib_ti``)."""
+    the files are written once into ``folder``, default the cache folder)."""
     from transformers import CLIPTokenizer
 
-    folder = Path(os.environ.get("LIB_TI_CACHE", Path.home() / ".cache" / "lib_ti")) / "clip-tokenizer"
-    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
-    if not (vocab_file.is_file() and merges_file.is_file()):
-        from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-        with gzip.open(_bpe_file()) as f:
-            lines = f.read().decode("utf-8").split("\n")
-        merges = lines[1 : 49152 - 256 - 2 + 1]
-        vocab = list(bytes_to_unicode().values())
-        vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
-        vocab += ["<|startoftext|>", "<|endoftext|>"]
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".vocab.{os.getpid()}"
-        tmp.write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
-        tmp_m = folder / f".merges.{os.getpid()}"
-        tmp_m.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        os.replace(tmp_m, merges_file)
-        os.replace(tmp, vocab_file)
+    vocab_file, merges_file = write_clip_vocabulary(folder or cache_dir() / "clip-tokenizer")
     return CLIPTokenizer(
         str(vocab_file),
         str(merges_file),
