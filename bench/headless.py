@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_models as bm  # also puts the checkout on sys.path
+from step_cost import trainer_fn  # (b): one full step of a new 1-step run of our trainer
 
 NAME = "benchemb"
 TEMPLATE = "a photo of [name] standing in a garden"
@@ -238,38 +239,6 @@ def minimal_step_fn(kind: str, model: Any, vectors: dict[str, torch.Tensor]):
     return step
 
 
-# ---------------------------------------------------------------------- (b) the headless trainer step
-def trainer_fn(parts: Any, vectors: dict[str, torch.Tensor], folder: Path):
-    """A function timing one full step of a new 1-step run of our trainer (its construction not timed)."""
-    from PIL import Image
-
-    from lib_ti.embedding import Embedding
-    from lib_ti.training.dataset import DataArgs
-    from lib_ti.training.loading import load_dataset
-    from lib_ti.training.trainer import TrainArgs, TrainCallbacks, Trainer
-
-    Image.new("RGB", (256, 256), (120, 80, 40)).save(folder / "img.png")
-    data = load_dataset(
-        DataArgs(str(folder), NAME, [TEMPLATE], resolution=256, buckets=False),
-        parts.encode_image,
-        vae_scale=parts.vae_scale,
-    )
-    emb = Embedding(NAME, {k: v.detach() for k, v in vectors.items()})
-    args = TrainArgs(steps=1, batch_size=1, validation_every=0, log_dir=str(folder / "log"))
-
-    def run_one() -> float:
-        trainer = Trainer(parts, data, emb, args, TrainCallbacks())
-        start = time.perf_counter()
-        result = trainer.run()
-        took = time.perf_counter() - start
-        if result.status != "finished":
-            msg = f"the trainer's step did not finish: {result.message}"
-            raise RuntimeError(msg)
-        return took
-
-    return run_one
-
-
 def measure(kind: str, repeats: int, threads: int) -> tuple[list[float], list[float]]:
     """Seconds of (a) and (b) per repeat, interleaved a, b, a, b, ... so drift hits both."""
     from lib_ti.headless.models import build_parts
@@ -284,7 +253,7 @@ def measure(kind: str, repeats: int, threads: int) -> tuple[list[float], list[fl
     step = minimal_step_fn(kind, model, vectors)
     a_times, b_times = [], []
     with tempfile.TemporaryDirectory() as d:
-        run_one = trainer_fn(parts, vectors, Path(d))
+        run_one = trainer_fn(parts, vectors, Path(d), 1, fresh=True)
         step()  # warm-up both
         run_one()
         for _ in range(repeats):

@@ -162,8 +162,12 @@ def trainer_fn(parts, vectors, folder: Path, steps: int, fresh: bool = False):
     def run_fresh() -> float:
         trainer = Trainer(parts, data, emb, args, TrainCallbacks())
         t = time.perf_counter()
-        trainer.run()
-        return time.perf_counter() - t
+        result = trainer.run()
+        took = time.perf_counter() - t
+        if result.status != "finished":
+            msg = f"the trainer's step did not finish: {result.message}"
+            raise RuntimeError(msg)
+        return took
 
     def run_all() -> None:
         Trainer(parts, data, emb, args, TrainCallbacks()).run()

@@ -81,7 +81,7 @@ class QueueJob:
 
 @dataclass(frozen=True)
 class JobOutcome:
-    """What became of one job: a row of the summary table."""
+    """What became of one job or run: a row of the summary table (``steps``: the steps done)."""
 
     name: str
     status: Status
