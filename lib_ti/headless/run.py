@@ -150,20 +150,15 @@ def host_services(
     *,
     console: Console,
     interrupts: Interrupts,
-    preview_seed: int = 0,
-    preview_size: int = 512,
     shard: Any = None,
 ) -> HostServices:
-    """The checkpoint as the service's host."""
+    """The checkpoint as the service's host (its previews are set once the request is known)."""
     settings = {
         "ti_pt_copy": opts.pt_copy,
         "ti_resume_every": opts.resume_every,
         "ti_gradient_checkpointing": opts.gradient_checkpointing,
     }
     log_dir = log_dir_for(opts)
-    preview = make_preview(
-        model, parts, steps=opts.preview_steps, cfg=opts.preview_cfg, size=preview_size, seed=preview_seed
-    )
     return HostServices(
         embeddings_dir=lambda: str(Path(opts.out)),
         log_dir=lambda: str(log_dir),
@@ -173,7 +168,6 @@ def host_services(
         progress_update=console.update,
         progress_end=console.end,
         interrupted=lambda: interrupts.requested,
-        preview=preview if opts.preview_steps > 0 else None,
         save_format=lambda: opts.format,
         release_image_encoder=lambda: release_vae(model),
         get_option=lambda key, default: settings.get(key, default),
@@ -350,17 +344,10 @@ def train_one(
         return stopped
     given["resume"] = plan["resume"]
     req = service.train_request(given, kind=kind)
-    host = host_services(
-        model,
-        parts,
-        opts,
-        console=console,
-        interrupts=interrupts,
-        preview_seed=req.seed,
-        preview_size=req.resolution,
-        shard=shard,
-    )
-    service = Service(host)
+    if opts.preview_steps > 0:  # the run's seed, at its resolution
+        service.host.preview = make_preview(
+            model, parts, steps=opts.preview_steps, cfg=opts.preview_cfg, size=req.resolution, seed=req.seed
+        )
     job = service.start_training(req, background=False)
     st = job.status
     if shard is not None and st.state == "error":  # a crash on this rank only: the others cannot go on
